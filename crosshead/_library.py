@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 mode = "unloaded"  # "compiled", "jit", "python" or "preloaded"
 detail = ""  # why this mode (for python -m crosshead.info)
 _libraries: list[torch.library.Library] = []  # keep Python registrations alive
+python_kernels: set[tuple[str, str]] = set()  # (op, dispatch key) served by crosshead.reference
 
 
 def is_defined(op: str = "imhsa") -> bool:
@@ -38,6 +40,11 @@ def is_defined(op: str = "imhsa") -> bool:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", dispatch_key)
+
+
+def has_fused_cuda(op: str = "imhsa") -> bool:
+    """True when a compiled CUDA kernel (not the pure-torch path) serves `op` on CUDA."""
+    return has_kernel(op, "CUDA") and (op, "CUDA") not in python_kernels
 
 
 def _jit_load() -> None:
@@ -80,6 +87,10 @@ def load() -> None:
         return
     except ImportError as e:
         reason = str(e)
+        if not isinstance(e, ModuleNotFoundError):  # built, but broken: say so loudly
+            warnings.warn(f"crosshead._C failed to load ({e}); it was probably built against another "
+                          f"torch than {torch.__version__}: rebuild with `pip install "
+                          "--no-build-isolation .`. Falling back to the pure-torch path.", stacklevel=2)
     _define_from_python()
     mode = "python"
     detail = (f"compiled library not available ({reason}); ops declared from Python and served by "
@@ -95,4 +106,5 @@ def register_reference_kernels() -> None:
         for key in ("CPU", "CUDA"):
             if not has_kernel(op, key):
                 lib.impl(op, getattr(reference, op), key)
+                python_kernels.add((op, key))
     _libraries.append(lib)

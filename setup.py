@@ -1,0 +1,76 @@
+"""Builds crosshead._C from csrc/: the op schemas always, the CUDA kernels when a CUDA toolchain and a
+CUDA build of torch are present (or FORCE_CUDA=1). Every decision is printed.
+
+Environment:
+  FORCE_CUDA=1                 build the CUDA sources even if the checks below fail
+  CROSSHEAD_SKIP_CUDA_BUILD=1  never build the CUDA sources
+  CROSSHEAD_SKIP_BUILD=1       build no extension at all (pure-torch install)
+  TORCH_CUDA_ARCH_LIST         target GPUs; default "8.0;9.0" (A100, H100/H200)
+  DEBUG=1                      -O0 -g
+  MAX_JOBS                     parallel compile jobs (ninja)
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def say(msg):
+    print(f"[crosshead setup] {msg}", flush=True)
+
+
+def extensions():
+    if os.environ.get("CROSSHEAD_SKIP_BUILD") == "1":
+        say("CROSSHEAD_SKIP_BUILD=1: no compiled library; the ops will be served by the pure-torch path")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = os.environ.get("DEBUG") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx.append("-std=c++17")
+    sources = [str(p.relative_to(ROOT)) for p in (CSRC / "crosshead.cpp", CSRC / "python_module.cpp")]
+
+    if os.environ.get("CROSSHEAD_SKIP_CUDA_BUILD") == "1":
+        use_cuda, why = False, "CROSSHEAD_SKIP_CUDA_BUILD=1"
+    elif os.environ.get("FORCE_CUDA") == "1":
+        use_cuda, why = True, "FORCE_CUDA=1"
+    elif not torch.version.cuda:
+        use_cuda, why = False, f"torch {torch.__version__} is not a CUDA build"
+    elif CUDA_HOME is None:
+        use_cuda, why = False, "no CUDA toolchain found (CUDA_HOME / nvcc)"
+    else:
+        use_cuda, why = True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), toolchain at {CUDA_HOME}"
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
+    if use_cuda and not cuda_sources:
+        use_cuda, why = False, "no CUDA sources in csrc/cuda"
+    say(f"torch {torch.__version__}; CUDA kernels {'ON' if use_cuda else 'OFF'}: {why}")
+
+    include_dirs = [str(CSRC)]
+    if not use_cuda:
+        ext = CppExtension("crosshead._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return [ext], {"build_ext": BuildExtension}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    say(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    # CUDA wheels of torch ship headers (e.g. cusparse.h) that a local toolkit may lack.
+    for wheel_headers in (Path(torch.__file__).parent.parent / "nvidia").glob("cu*/include"):
+        include_dirs.append(str(wheel_headers))
+        say(f"adding CUDA headers from the torch wheel: {wheel_headers}")
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]
+    nvcc += ["-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    ext = CUDAExtension("crosshead._C", sources + cuda_sources, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,134 @@
+"""The pure-torch path (the CPU kernels) against the independent float64 loop reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crosshead
+from conftest import TOL
+from helpers import as64, imhsa_inputs, rand
+import loop_reference as ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, h, N, d, L): ordinary, one head, one landmark, odd everything
+SHAPES = [(2, 3, 70, 16, 12), (1, 1, 37, 8, 5), (2, 4, 29, 12, 1), (3, 2, 5, 3, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}h{}N{}d{}L{}".format(*s))
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_forward_and_gradients_match_loop_reference(dtype, mix, shape, interaction):
+    inputs = imhsa_inputs(*shape, dtype=dtype, interaction=interaction, requires_grad=True)
+    out = crosshead.imhsa(*inputs, mix=mix)
+    grad_out = rand(*out.shape, dtype=dtype)
+    out.backward(grad_out)
+
+    inputs64 = as64(inputs)  # the same (rounded) values, so only the op's own error is measured
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(grad_out.to(torch.float64))
+
+    assert out.dtype == dtype and out.shape == expected.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.to(torch.float64), expected, **tol)
+    names = ["q", "k", "v", "q_land", "k_land", "w_q", "w_k"]
+    for name, x, x64 in zip(names, inputs, inputs64):
+        if x is None:
+            continue
+        assert x.grad is not None and x.grad.dtype == x.dtype, name
+        # gradients sum over N·L terms: scale the tolerance by the gradient's magnitude
+        atol = tol["atol"] * max(1.0, x64.grad.abs().max().item())
+        torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, rtol=tol["rtol"], atol=atol,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_float64_path_is_exact():
+    inputs = imhsa_inputs(2, 3, 30, 8, 6)
+    for mix in ("post", "pre"):
+        torch.testing.assert_close(crosshead.imhsa(*inputs, mix=mix), ref.imhsa(*inputs, mix=mix),
+                                   **TOL[torch.float64])
+
+
+def test_custom_scale():
+    inputs = imhsa_inputs(1, 2, 20, 8, 4)
+    torch.testing.assert_close(crosshead.imhsa(*inputs, mix="pre", scale=0.7),
+                               ref.imhsa(*inputs, mix="pre", scale=0.7))
+
+
+# ------------------------------------------------------------------------- invariants of imhsa.md
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_identity_interaction_makes_modes_agree(dtype):
+    q, k, v, ql, kl, _, _ = imhsa_inputs(2, 4, 50, 8, 9, dtype=dtype)
+    eye = torch.eye(4, dtype=dtype)
+    post = crosshead.imhsa(q, k, v, ql, kl, eye, eye, mix="post")
+    pre = crosshead.imhsa(q, k, v, ql, kl, eye, eye, mix="pre")
+    none = crosshead.imhsa(q, k, v, ql, kl, mix="pre")
+    torch.testing.assert_close(post, pre, **TOL[dtype])
+    torch.testing.assert_close(post, none, **TOL[dtype])
+
+
+def test_rows_of_the_two_hop_map_sum_to_one():
+    """out = Â_Q·Â_K·v, so v = 1 gives the row sums of Â_Q·Â_K."""
+    q, k, _, ql, kl, w_q, w_k = imhsa_inputs(2, 3, 40, 8, 6)
+    ones = torch.ones_like(q)
+    for mix, wq, wk in (("post", None, None), ("pre", None, None), ("pre", w_q, w_k)):
+        sums = crosshead.imhsa(q, k, ones, ql, kl, wq, wk, mix=mix)
+        torch.testing.assert_close(sums, ones)
+    # post-softmax mixing with a non-identity w does not keep rows stochastic: the check can fail
+    sums = crosshead.imhsa(q, k, ones, ql, kl, w_q, w_k, mix="post")
+    assert (sums - 1).abs().max() > 1e-3
+
+
+def test_full_landmarks_give_a_squared_not_a():
+    """L = N with identity pooling is A·A (two hops), not softmax attention A."""
+    q, k, v, *_ = imhsa_inputs(2, 2, 16, 8, 1)
+    out = crosshead.imhsa(q, k, v, q, k)
+    a = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
+    torch.testing.assert_close(out, a @ a @ v)
+    assert (out - a @ v).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------- landmarks
+
+
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES, ids=str)
+@pytest.mark.parametrize("grid,size,prefix", [((14, 14), (7, 7), 0), ((5, 7), (2, 3), 1),
+                                              ((9, 4), (4, 4), 4), ((3, 3), (1, 1), 0),
+                                              ((6, 6), (6, 6), 2)])
+def test_landmarks_match_adaptive_avg_pool2d(dtype, grid, size, prefix):
+    B, h, d = 2, 3, 5
+    x = rand(B, h, prefix + grid[0] * grid[1], d, dtype=dtype, requires_grad=True)
+    out = crosshead.landmarks(x, grid, size, prefix)
+    x64 = as64([x])[0]
+    tokens = x64[:, :, prefix:].reshape(B * h, *grid, d).permute(0, 3, 1, 2)
+    expected = F.adaptive_avg_pool2d(tokens, size).permute(0, 2, 3, 1).reshape(B, h, -1, d)
+    torch.testing.assert_close(out.to(torch.float64), expected, **TOL[dtype])
+    torch.testing.assert_close(expected, ref.landmarks(x64, grid, size, prefix))
+    g = rand(*out.shape, dtype=dtype)
+    out.backward(g)
+    expected.backward(g.to(torch.float64))
+    torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, **TOL[dtype])
+    assert (x.grad[:, :, :prefix] == 0).all()
+
+
+@pytest.mark.parametrize("n,size,prefix", [(37, 5, 0), (20, 20, 0), (11, 1, 3), (100, 7, 1)])
+def test_landmarks_1d_match_adaptive_avg_pool1d(n, size, prefix):
+    x = rand(2, 3, prefix + n, 4)
+    out = crosshead.landmarks(x, None, size, prefix)
+    expected = F.adaptive_avg_pool1d(x[:, :, prefix:].reshape(6, n, 4).transpose(1, 2), size)
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(2, 3, size, 4))
+    torch.testing.assert_close(out, ref.landmarks(x, None, size, prefix))
+
+
+def test_prefix_tokens_are_queries_and_keys_but_not_pooled():
+    """A CLS token changes the output through attention (it is a key), never through pooling."""
+    h, d, grid = 2, 8, (4, 4)
+    x = rand(1, h, 1 + 16, d)
+    q, k, v = x, rand(1, h, 17, d), rand(1, h, 17, d)
+    ql, kl = crosshead.landmarks(q, grid, (2, 2), 1), crosshead.landmarks(k, grid, (2, 2), 1)
+    k2 = k.clone()
+    k2[:, :, 0] += 5.0
+    assert torch.equal(crosshead.landmarks(k2, grid, (2, 2), 1), kl)
+    assert not torch.allclose(crosshead.imhsa(q, k2, v, ql, kl), crosshead.imhsa(q, k, v, ql, kl))
