@@ -161,3 +161,9 @@ def test_landmarks_rejects_bad_input():
     _bad(f, x, (4, 5), (0, 2), 1, match=r"size must be positive")
     _bad(f, x, (4, 5), (2, 2), -1, match=r"prefix must be a non-negative int")
     _bad(f, x, (4, 5), (2, 2), 21, match=r"leaves no grid tokens")
+
+
+def test_imhsa_rejects_mixed_devices():
+    q, k, v, ql, kl, wq, wk = imhsa_inputs(1, 2, 8, 4, 2)
+    _bad(crosshead.imhsa, q, k.to("meta"), v, ql, kl, match=r"k is on meta but q is on cpu")
+    _bad(crosshead.imhsa, q, k, v, ql, kl, wq.to("meta"), match=r"w_q is on meta but q is on cpu")
