@@ -1,0 +1,21 @@
+"""crosshead.baselines: efficient attentions iMHSA is compared against, behind one interface.
+
+    from crosshead import baselines
+    attn = baselines.create("performer", dim=384, num_heads=6, num_prefix_tokens=1)
+    y = attn(x, grid=(14, 14))          # x (B, 1 + 14*14, 384) -> (B, 197, 384)
+
+``names()`` lists every registered mechanism, ``available()`` says which can be built here (the
+package-backed ones need ``pip install crosshead[baselines]``). Optional extra: the core package
+never imports this one. See docs/baselines.md for the table of papers, defaults and checks.
+"""
+
+from ._registry import available, create, names, register
+
+# one file per mechanism family; importing them fills the registry (no optional package is
+# imported here -- package-backed modules import their package when built)
+from . import softmax, talking_heads  # noqa: E402,F401
+from . import performer, nystrom, linformer  # noqa: E402,F401
+from . import randomized, mra, ripple, rpe_linear, vars_d, hypercube  # noqa: E402,F401
+from . import flash_gau, context_pool  # noqa: E402,F401
+
+__all__ = ["create", "available", "names", "register"]
