@@ -52,7 +52,7 @@ def landmarks(x: Tensor, grid: list[int], size: list[int], prefix: int) -> Tenso
     if len(dims) == 1:
         out = torch.matmul(mats[0], t)
     else:
-        (H, W), (Lh, Lw) = dims, size
+        (H, W), Lh = dims, size[0]
         t = torch.matmul(mats[0], t.reshape(B, h, H, W * d)).reshape(B, h, Lh, W, d)
         out = torch.matmul(mats[1], t)  # (Lw, W) @ (B, h, Lh, W, d)
     return out.reshape(B, h, -1, d).to(x.dtype)

@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

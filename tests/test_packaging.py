@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import crosshead
+import crosshead  # noqa: F401  (registers the ops)
 from crosshead import _library
 
 ROOT = Path(__file__).resolve().parent.parent

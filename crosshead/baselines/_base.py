@@ -37,6 +37,18 @@ def resolve_grid(n_tokens: int, num_prefix: int, grid, *, required: bool, name: 
     return None
 
 
+def pad_to_blocks(q, k, v, block_size: int):
+    """Zero-pad the token axis of (B, h, N, d) tensors to a multiple of block_size; returns the
+    padded q, k, v and a (N + pad,) mask that is False on the padding."""
+    n = q.shape[2]
+    pad = (-n) % block_size
+    valid = torch.ones(n + pad, dtype=torch.bool, device=q.device)
+    if pad:
+        valid[n:] = False
+        q, k, v = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return q, k, v, valid
+
+
 def to_heads(t: torch.Tensor, h: int) -> torch.Tensor:
     """(B, N, h*d) -> (B, h, N, d)."""
     b, n, c = t.shape

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import BaselineAttention, from_heads, to_heads
+from ._base import BaselineAttention, from_heads
 from ._registry import register
 
 

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._base import BaselineAttention
+from ._base import BaselineAttention, pad_to_blocks
 from ._registry import register
 
 
@@ -83,9 +83,5 @@ class HypercubeAttention(BaselineAttention):
 
     def attend(self, q, k, v, grid):
         n = q.shape[2]
-        pad = (-n) % self.block_size
-        valid = torch.ones(n + pad, dtype=torch.bool, device=q.device)
-        if pad:
-            valid[n:] = False
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        q, k, v, valid = pad_to_blocks(q, k, v, self.block_size)
         return hypercube_attention(q, k, v, block_size=self.block_size, valid=valid)[:, :, :n]

@@ -31,9 +31,8 @@ O((N/32)^2 + k 32^2) memory per head. Input: any N; ``grid`` validated, unused.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._base import BaselineAttention
+from ._base import BaselineAttention, pad_to_blocks
 from ._registry import register
 
 
@@ -120,11 +119,7 @@ class MRA2Attention(BaselineAttention):
 
     def attend(self, q, k, v, grid):
         n = q.shape[2]
-        pad = (-n) % self.block_size
-        valid = torch.ones(n + pad, dtype=torch.bool, device=q.device)
-        if pad:
-            valid[n:] = False
-            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        q, k, v, valid = pad_to_blocks(q, k, v, self.block_size)
         out, _ = mra2_attention(q, k, v, block_size=self.block_size,
                                 block_per_row=self.block_per_row, mode=self.mode, valid=valid)
         return out[:, :, :n]
