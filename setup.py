@@ -10,6 +10,7 @@ Environment:
   MAX_JOBS                     parallel compile jobs (ninja)
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -27,12 +28,15 @@ def extensions():
     if os.environ.get("CROSSHEAD_SKIP_BUILD") == "1":
         say("CROSSHEAD_SKIP_BUILD=1: no compiled library; the ops will be served by the pure-torch path")
         return [], {}
+    spec = importlib.util.spec_from_file_location("_toolchain", ROOT / "crosshead" / "_toolchain.py")
+    toolchain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolchain)
+    toolchain.export_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = os.environ.get("DEBUG") == "1"
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx.append("-std=c++17")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]  # no -std: torch picks the standard its headers need
     sources = [str(p.relative_to(ROOT)) for p in (CSRC / "crosshead.cpp", CSRC / "python_module.cpp")]
 
     if os.environ.get("CROSSHEAD_SKIP_CUDA_BUILD") == "1":
@@ -62,7 +66,7 @@ def extensions():
         include_dirs.append(str(wheel_headers))
         say(f"adding CUDA headers from the torch wheel: {wheel_headers}")
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]
-    nvcc += ["-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+    nvcc += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     ext = CUDAExtension("crosshead._C", sources + cuda_sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})

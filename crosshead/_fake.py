@@ -31,7 +31,7 @@ def _imhsa(q, k, v, q_land, k_land, w_q, w_k, mix, scale):
 @torch.library.register_fake("crosshead::imhsa_backward")
 def _imhsa_backward(grad_out, q, k, v, q_land, k_land, w_q, w_k, z, lse_k, lse_q, mix, scale):
     def w_grad(w):
-        return grad_out.new_empty(0) if w is None else torch.empty_like(w)
+        return grad_out.new_empty(0) if w is None else torch.empty_like(w, memory_format=torch.contiguous_format)
 
     like = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, q_land, k_land)]
     return (*like, w_grad(w_q), w_grad(w_k))

@@ -48,6 +48,9 @@ def has_fused_cuda(op: str = "imhsa") -> bool:
 
 
 def _jit_load() -> None:
+    from ._toolchain import export_cuda_home
+
+    export_cuda_home()
     from torch.utils import cpp_extension
 
     sources = [str(CSRC / "crosshead.cpp")]
@@ -59,7 +62,12 @@ def _jit_load() -> None:
     cpp_extension.load(
         name="crosshead_jit", sources=sources, is_python_module=False, build_directory=str(build_dir),
         extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
-        extra_include_paths=[str(CSRC)], verbose=os.environ.get("CROSSHEAD_JIT_VERBOSE") == "1")
+        extra_include_paths=[str(CSRC)] + _wheel_cuda_headers(), verbose=os.environ.get("CROSSHEAD_JIT_VERBOSE") == "1")
+
+
+def _wheel_cuda_headers() -> list[str]:
+    """CUDA builds of torch ship headers (e.g. cusparse.h) that a local toolkit may lack."""
+    return [str(p) for p in (Path(torch.__file__).parent.parent / "nvidia").glob("cu*/include")]
 
 
 def _define_from_python() -> None:

@@ -1,0 +1,307 @@
+"""The fused CUDA kernels (csrc/cuda/) against the float64 pure-torch reference.
+
+Skipped, with the reason reported, when there is no CUDA device. With a device but without the
+compiled CUDA kernels (pure-torch registration only), every test FAILS: a broken build must never
+pass as green. Outputs come from the CUDA caching allocator after it has been filled with NaN, so
+an element a kernel forgets to write shows up as NaN.
+"""
+
+import math
+
+import pytest
+import torch
+
+import crosshead
+from crosshead import _library, reference
+
+GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not GPU, reason="no CUDA device: the fused CUDA kernels cannot run here")
+
+OPS = ("imhsa", "imhsa_backward", "landmarks", "landmarks_backward")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# max |kernel - float64 reference| <= TOL·(1 + max|reference|) per compared tensor. The kernels
+# compute in float32 (fast-math exp); half-type results carry one rounding to the dtype.
+TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# (B, h, N, d, L): odd N everywhere, every fast-path d and odd ones, h in {1, 8, 16}, L in {1, 49, 256}.
+SHAPES = [
+    (2, 8, 197, 64, 49),
+    (1, 1, 33, 32, 1),
+    (3, 16, 129, 128, 16),
+    (2, 4, 77, 40, 7),
+    (1, 2, 51, 256, 5),
+    (2, 3, 301, 64, 256),
+]
+
+
+def fused_cuda_kernel(op):
+    """True when op's CUDA kernel is a compiled one (registered from a .cu file), not the
+    pure-torch reference registered from crosshead/_library.py."""
+    if not _library.has_kernel(op, "CUDA"):
+        return False
+    dump = torch._C._dispatch_dump(f"crosshead::{op}")
+    line = next((ln for ln in dump.splitlines() if ln.startswith("CUDA:")), "")
+    return ".cu:" in line
+
+
+@pytest.fixture(autouse=True)
+def _require_fused_kernels():
+    missing = [op for op in OPS if not fused_cuda_kernel(op)]
+    if missing or _library.mode not in ("compiled", "jit", "preloaded"):
+        pytest.fail(f"a CUDA device is present but the fused CUDA kernels are not registered for {missing} "
+                    f"(library mode {_library.mode!r}: {_library.detail}); build the extension "
+                    "(pip install --no-build-isolation -e . or CROSSHEAD_JIT=1)")
+
+
+def poison_cache():
+    """Fill blocks of the caching allocator with NaN and hand them back, so tensors the kernels
+    allocate with at::empty start out as NaN rather than as stale finite values or zeros."""
+    keep = []
+    for numel in [2**k for k in range(6, 19)] * 4 + [2**22] * 4 + [2**25] * 2:
+        keep.append(torch.full((numel,), float("nan"), device="cuda"))
+    del keep
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float64) * scale).to(dtype)
+
+
+def inputs(B, h, N, d, L, dtype, interaction=True, w_dtype=None):
+    q, k, v = (rand(B, h, N, d, dtype=dtype) for _ in range(3))
+    q_land, k_land = (rand(B, h, L, d, dtype=dtype) for _ in range(2))
+    w = [None, None]
+    if interaction:
+        w = [(torch.eye(h, device="cuda", dtype=torch.float64)
+              + 0.3 * torch.randn(h, h, device="cuda", dtype=torch.float64)).to(w_dtype or dtype) for _ in range(2)]
+    return [q, k, v, q_land, k_land, *w]
+
+
+def as64(ts):
+    return [None if t is None else t.detach().to(torch.float64) for t in ts]
+
+
+def check(name, got, want, dtype):
+    assert got is not None and want is not None, name
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got64 = got.detach().to(torch.float64)
+    assert torch.isfinite(got64).all(), f"{name}: non-finite values (an unwritten or overflowed output)"
+    err = (got64 - want).abs().max().item() if want.numel() else 0.0
+    bound = TOL[dtype] * (1 + (want.abs().max().item() if want.numel() else 0.0))
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} ({dtype})"
+
+
+def run_and_check(args, mix, scale, dtype):
+    """Forward and backward ops on CUDA against the float64 reference, all outputs and gradients."""
+    ref = reference.imhsa(*as64(args), mix, scale)
+    g = rand(*args[0].shape, dtype=dtype)
+    poison_cache()
+    out = torch.ops.crosshead.imhsa(*args, mix, scale)
+    for name, got, want in zip(("out", "z", "lse_k", "lse_q"), out, ref):
+        check(name, got, want, dtype)
+    assert out[0].dtype == dtype and out[0].is_contiguous()
+    assert all(t.dtype == torch.float32 for t in out[1:])
+    ref_grads = reference.imhsa_backward(g.to(torch.float64), *as64(args), *ref[1:], mix, scale)
+    poison_cache()
+    grads = torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], mix, scale)
+    names = ("grad_q", "grad_k", "grad_v", "grad_q_land", "grad_k_land", "grad_w_q", "grad_w_k")
+    for i, name in enumerate(names):
+        if i >= 5 and args[i] is None:
+            assert grads[i].numel() == 0, f"{name} must be empty without w"
+            continue
+        check(name, grads[i], ref_grads[i], dtype)
+        assert grads[i].dtype == args[i].dtype and grads[i].is_contiguous(), name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}h{}N{}d{}L{}".format(*s))
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_reference(shape, interaction, mix, dtype):
+    args = inputs(*shape, dtype=dtype, interaction=interaction)
+    run_and_check(args, mix, shape[3] ** -0.5, dtype)
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_interaction_with_half_inputs(mix, dtype):
+    args = inputs(2, 8, 99, 64, 12, dtype=dtype, w_dtype=torch.float32)
+    run_and_check(args, mix, 0.3, dtype)
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+def test_large_n_and_custom_scale(mix):
+    args = inputs(2, 8, 3137, 64, 49, dtype=torch.bfloat16)
+    run_and_check(args, mix, 0.2, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    B, h, N, d, L = 2, 6, 145, 64, 9
+    qkv = rand(B, N, 3, h, d, dtype=dtype).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d), token-strided
+    q, k, v = qkv.unbind(0)
+    q_land = rand(B, L, h, d, dtype=dtype).transpose(1, 2)
+    k_land = rand(B, h, d, L, dtype=dtype).transpose(2, 3)  # d not unit-stride: copied internally
+    w_q = (torch.eye(h, device="cuda") + 0.2 * torch.randn(h, h, device="cuda")).to(dtype).t()
+    w_k = torch.randn(h, h, device="cuda").to(dtype)[:, :]
+    assert not q.is_contiguous() and not k_land.is_contiguous()
+    for mix in ("post", "pre"):
+        run_and_check([q, k, v, q_land, k_land, w_q, w_k], mix, d ** -0.5, dtype)
+    v_wide = rand(B, h, N, 2 * d, dtype=dtype)[..., ::2]  # non-unit stride over d
+    run_and_check([q, k, v_wide, q_land, k_land, None, w_k], "post", d ** -0.5, dtype)
+    # contiguous but at an odd storage offset (not 16-byte aligned)
+    q_land_odd = rand(B * h * L * d + 1, dtype=dtype)[1:].view(B, h, L, d)
+    run_and_check([q, k, v, q_land_odd, k_land, w_q, None], "pre", d ** -0.5, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grid,size,prefix", [((14, 14), (7, 7), 0), ((13, 11), (5, 4), 1), ((7, 9), (7, 2), 4),
+                                              (None, 49, 0), (None, 13, 3), (None, 1, 0)])
+def test_landmarks_match_reference(dtype, grid, size, prefix):
+    B, h, d = 2, 3, 40
+    n = (grid[0] * grid[1] if grid else 101) + prefix
+    x = rand(B, n, h, d, dtype=dtype).transpose(1, 2)  # non-contiguous
+    grid_l = list(grid) if grid else []
+    size_l = list(size) if grid else [size]
+    poison_cache()
+    out = torch.ops.crosshead.landmarks(x, grid_l, size_l, prefix)
+    check("landmarks", out, reference.landmarks(x.to(torch.float64), grid_l, size_l, prefix), dtype)
+    g = rand(*out.shape, dtype=dtype)
+    poison_cache()
+    dx = torch.ops.crosshead.landmarks_backward(g, n, grid_l, size_l, prefix)
+    check("landmarks_backward", dx, reference.landmarks_backward(g.to(torch.float64), n, grid_l, size_l, prefix),
+          dtype)
+    assert dx[:, :, :prefix].eq(0).all()
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+def test_autograd_through_public_api(mix):
+    B, h, H, W, d = 2, 4, 9, 7, 32
+    x = rand(B, h, 1 + H * W, d, dtype=torch.float32)
+    q, k, v = (x + 0.1 * rand(*x.shape, dtype=torch.float32) for _ in range(3))
+    w_q, w_k = (torch.eye(h, device="cuda") + 0.1 * torch.randn(h, h, device="cuda") for _ in range(2))
+    leaves = [t.requires_grad_() for t in (q, k, v, w_q, w_k)]
+
+    def f(q, k, v, w_q, w_k, lib):
+        ql = lib.landmarks(q, grid=(H, W), size=(3, 4), prefix=1)
+        kl = lib.landmarks(k, grid=(H, W), size=(3, 4), prefix=1)
+        return lib.imhsa(q, k, v, ql, kl, w_q, w_k, mix=mix)
+
+    out = f(*leaves, crosshead)
+    out.backward(torch.ones_like(out))
+    got = [t.grad for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+
+    class Ref:
+        @staticmethod
+        def landmarks(x, grid, size, prefix):
+            return reference.landmarks(x, list(grid), list(size), prefix)
+
+        @staticmethod
+        def imhsa(q, k, v, ql, kl, w_q, w_k, mix):
+            return reference.imhsa(q, k, v, ql, kl, w_q, w_k, mix, q.shape[-1] ** -0.5)[0]
+
+    ref_out = f(*ref_leaves, Ref)
+    ref_out.backward(torch.ones_like(ref_out))
+    check("out", out, ref_out.detach(), torch.float32)
+    for name, g, r in zip(("q", "k", "v", "w_q", "w_k"), got, ref_leaves):
+        check(f"grad_{name}", g, r.grad, torch.float32)
+
+
+def test_backward_is_bitwise_deterministic():
+    for mix in ("post", "pre"):
+        args = inputs(3, 8, 1001, 64, 49, dtype=torch.bfloat16)
+        out = torch.ops.crosshead.imhsa(*args, mix, 0.125)
+        out2 = torch.ops.crosshead.imhsa(*args, mix, 0.125)
+        assert all(torch.equal(a, b) for a, b in zip(out, out2)), "forward differs between runs"
+        g = rand(*args[0].shape, dtype=torch.bfloat16)
+        first = torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], mix, 0.125)
+        poison_cache()
+        second = torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], mix, 0.125)
+        for i, (a, b) in enumerate(zip(first, second)):
+            assert torch.equal(a, b), f"gradient {i} differs bitwise between two runs ({mix})"
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_opcheck_cuda(mix, interaction):
+    args = inputs(2, 4, 37, 32, 5, dtype=torch.float32, interaction=interaction)
+    torch.library.opcheck(torch.ops.crosshead.imhsa.default, (*args, mix, 0.2))
+    grad_args = [t.clone().requires_grad_() if t is not None else None for t in args]
+    torch.library.opcheck(torch.ops.crosshead.imhsa.default, (*grad_args, mix, 0.2))
+    out = torch.ops.crosshead.imhsa(*args, mix, 0.2)
+    g = rand(*args[0].shape, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.crosshead.imhsa_backward.default, (g, *args, *out[1:], mix, 0.2))
+
+
+@pytest.mark.parametrize("grid,size,prefix", [([6, 5], [3, 2], 2), ([], [7], 1)])
+def test_opcheck_landmarks_cuda(grid, size, prefix):
+    x = rand(2, 3, prefix + 30, 16, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.crosshead.landmarks.default, (x, grid, size, prefix))
+    torch.library.opcheck(torch.ops.crosshead.landmarks.default,
+                          (x.clone().requires_grad_(), grid, size, prefix))
+    g = rand(2, 3, math.prod(size), 16, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.crosshead.landmarks_backward.default, (g, prefix + 30, grid, size, prefix))
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+def test_torch_compile_fullgraph(mix):
+    B, h, H, W, d = 2, 4, 8, 8, 32
+
+    def f(q, k, v, w_q, w_k):
+        ql = crosshead.landmarks(q, grid=(H, W), size=(4, 4))
+        kl = crosshead.landmarks(k, grid=(H, W), size=(4, 4))
+        return crosshead.imhsa(q, k, v, ql, kl, w_q, w_k, mix=mix).float().square().sum()
+
+    def leaves():
+        torch.manual_seed(0)
+        ts = [torch.randn(B, h, H * W, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        ts += [torch.eye(h, device="cuda") + 0.1 * torch.randn(h, h, device="cuda") for _ in range(2)]
+        return [t.requires_grad_() for t in ts]
+
+    eager_in, comp_in = leaves(), leaves()
+    f(*eager_in).backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(*comp_in).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(b.grad, a.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_rejects_unsupported_configurations_with_a_clear_message():
+    ok = inputs(1, 2, 9, 16, 3, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="crosshead.reference"):
+        torch.ops.crosshead.imhsa(*[None if t is None else t.double() for t in ok], "post", 0.25)
+    big_h = inputs(1, 17, 9, 16, 3, dtype=torch.float32, interaction=False)
+    with pytest.raises(RuntimeError, match="h <= 16"):
+        torch.ops.crosshead.imhsa(*big_h, "post", 0.25)
+    big_d = inputs(1, 2, 9, 264, 3, dtype=torch.float32, interaction=False)
+    with pytest.raises(RuntimeError, match="d <= 256"):
+        torch.ops.crosshead.imhsa(*big_d, "post", 0.25)
+    big_l = inputs(1, 2, 300, 16, 257, dtype=torch.float32, interaction=False)
+    with pytest.raises(RuntimeError, match="L <= 256"):
+        torch.ops.crosshead.imhsa(*big_l, "post", 0.25)
+    with pytest.raises(RuntimeError, match="mix"):
+        torch.ops.crosshead.imhsa(*ok, "sideways", 0.25)
+    bad_w = list(ok)
+    bad_w[5] = torch.eye(3, device="cuda")
+    with pytest.raises(RuntimeError, match="w_q"):
+        torch.ops.crosshead.imhsa(*bad_w, "post", 0.25)
+
+
+def test_empty_batch():
+    args = inputs(0, 4, 10, 16, 3, dtype=torch.float16)
+    out = torch.ops.crosshead.imhsa(*args, "post", 0.25)
+    assert out[0].shape == (0, 4, 10, 16)
+    grads = torch.ops.crosshead.imhsa_backward(torch.zeros_like(args[0]), *args, *out[1:], "post", 0.25)
+    assert grads[5].shape == (4, 4) and grads[5].eq(0).all()
+
+
+def test_runs_on_the_current_stream():
+    args = inputs(2, 8, 211, 64, 49, dtype=torch.bfloat16)
+    want = torch.ops.crosshead.imhsa(*args, "post", 0.125)[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = torch.ops.crosshead.imhsa(*args, "post", 0.125)[0]
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
