@@ -1,0 +1,390 @@
+"""One registry of everything the benchmark compares: name → how to build one timed call, why it
+cannot run here (or None), and what it costs (bench/costs.py).
+
+Two levels, both with matched (B, h, N, d):
+- "op": the attention op alone on (B, h, N, d) tensors q, k, v (crosshead's landmarks + imhsa, and
+  scaled_dot_product_attention with each backend);
+- "module": an attention layer x (B, N, h·d) → (B, N, h·d) with its qkv and output projections
+  (crosshead's InteractiveMultiheadAttention, a plain softmax MHSA layer, and the peers from their
+  own packages: timm's Talking-Heads, performer-pytorch, nystrom-attention, linformer).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+
+
+@dataclass
+class Case:
+    """One (contender, N) point, built: forward() runs the call with autograd enabled; leaves are
+    the tensors (inputs and parameters) whose .grad a forward+backward fills."""
+    forward: Callable[[], torch.Tensor]
+    leaves: list
+    grad_out: torch.Tensor
+    compiles: bool = False  # the first call compiles: the worker makes it before timing anything
+
+
+@dataclass
+class Contender:
+    name: str
+    level: str  # "op" or "module"
+    what: str  # one line: what exactly runs
+    cost_kind: tuple | None  # key for bench.costs.cost; None: no cost model (no roofline)
+    build: Callable[[Config, int], Case]
+    why_not: Callable[[Config], str | None]
+    # N×N maps (B·h·N² float32 each) held at the peak of a forward and of a forward+backward,
+    # for the pre-flight memory check; 0 for contenders linear in N
+    maps: tuple[float, float] = (0.0, 0.0)
+    options: dict = field(default_factory=dict)
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    return getattr(torch, cfg.dtype)
+
+
+def _gen(cfg: Config, side: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(1000 + side)
+
+
+def _randn(cfg, *shape, gen, requires_grad=True, scale=1.0):
+    t = (torch.randn(*shape, generator=gen) * scale).to(device=cfg.device, dtype=_dtype(cfg))
+    return t.requires_grad_(requires_grad)
+
+
+def _qkv(cfg: Config, side: int):
+    gen = _gen(cfg, side)
+    shape = (cfg.batch, cfg.heads, side * side, cfg.head_dim)
+    q, k, v = (_randn(cfg, *shape, gen=gen) for _ in range(3))
+    return q, k, v, _randn(cfg, *shape, gen=gen, requires_grad=False)
+
+
+def _no_gpu(cfg: Config) -> str | None:
+    if cfg.device != "cuda":
+        return "needs a CUDA GPU (this run is on CPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+def _missing(module: str, package: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"package {package!r} is not installed (pip install {package})"
+    return None
+
+
+# ---------------------------------------------------------------------------------- crosshead op
+
+
+def _mixing(cfg: Config, h: int):
+    gen = torch.Generator().manual_seed(7)
+    w = [torch.eye(h) + 0.1 * torch.randn(h, h, generator=gen) for _ in range(2)]
+    return [t.to(cfg.device).requires_grad_() for t in w]
+
+
+class _ReferenceLandmarks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid, size):
+        from crosshead import reference
+        ctx.n, ctx.grid, ctx.size = x.shape[2], grid, size
+        return reference.landmarks(x, grid, size, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        from crosshead import reference
+        return reference.landmarks_backward(g, ctx.n, ctx.grid, ctx.size, 0), None, None
+
+
+class _ReferenceImhsa(torch.autograd.Function):
+    """The pure-torch forward and hand-written backward of crosshead.reference, bypassing the
+    dispatcher: what crosshead.imhsa runs where no fused kernel is registered. Used when a fused
+    CUDA kernel is loaded, so that the pure-torch path can still be measured beside it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ql, kl, wq, wk, mix, scale):
+        from crosshead import reference
+        out, z, lse_k, lse_q = reference.imhsa(q, k, v, ql, kl, wq, wk, mix, scale)
+        ctx.save_for_backward(q, k, v, ql, kl, wq, wk, z, lse_k, lse_q)
+        ctx.mix, ctx.scale = mix, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        from crosshead import reference
+        grads = reference.imhsa_backward(g, *ctx.saved_tensors, ctx.mix, ctx.scale)
+        return (*grads, None, None)
+
+
+def _fused_available() -> bool:
+    from crosshead import _library
+    return _library.mode in ("compiled", "jit") and _library.has_kernel("imhsa", "CUDA")
+
+
+def _imhsa_case(cfg: Config, side: int, path: str) -> Case:
+    import crosshead
+    q, k, v, g = _qkv(cfg, side)
+    wq, wk = _mixing(cfg, cfg.heads)
+    grid, size, mix = (side, side), cfg.landmarks, cfg.mix
+    scale = cfg.head_dim ** -0.5
+
+    if path == "api":  # public API, whatever kernel is registered for the device
+        def forward():
+            ql, kl = crosshead.landmarks(q, grid, size), crosshead.landmarks(k, grid, size)
+            return crosshead.imhsa(q, k, v, ql, kl, wq, wk, mix=mix)
+    elif path == "function":
+        def forward():
+            ql = _ReferenceLandmarks.apply(q, list(grid), list(size))
+            kl = _ReferenceLandmarks.apply(k, list(grid), list(size))
+            return _ReferenceImhsa.apply(q, k, v, ql, kl, wq, wk, mix, scale)
+    else:  # "compile": the reference functions traced by torch.compile, autograd by inductor
+        from crosshead import reference
+
+        def eager(q, k, v, wq, wk):
+            ql = reference.landmarks(q, list(grid), list(size), 0)
+            kl = reference.landmarks(k, list(grid), list(size), 0)
+            return reference.imhsa(q, k, v, ql, kl, wq, wk, mix, scale)[0]
+
+        torch._dynamo.reset()  # one worker compiles every N and pass: start each from scratch
+        compiled = torch.compile(eager, dynamic=False, fullgraph=True)
+
+        def forward():
+            return compiled(q, k, v, wq, wk)
+    return Case(forward, [q, k, v, wq, wk], g, compiles=path == "compile")
+
+
+def _imhsa_torch_path(cfg: Config) -> str:
+    return "function" if (cfg.device == "cuda" and _fused_available()) else "api"
+
+
+def _why_not_fused(cfg: Config) -> str | None:
+    reason = _no_gpu(cfg)
+    if reason:
+        return reason
+    from crosshead import _library
+    if not _fused_available():
+        return (f"no fused CUDA kernel loaded: crosshead backend is {_library.mode!r} "
+                f"({_library.detail})")
+    return None
+
+
+def _why_not_compile(cfg: Config) -> str | None:
+    if cfg.device == "cpu":
+        import shutil
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "torch.compile on CPU needs a C++ compiler (none on PATH)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ SDPA
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+    return {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+
+def _sdpa_case(cfg: Config, side: int, backend: str) -> Case:
+    from torch.nn.attention import sdpa_kernel
+    q, k, v, g = _qkv(cfg, side)
+    be = _sdpa_backend(backend)
+
+    def forward():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return Case(forward, [q, k, v], g)
+
+
+def _why_not_sdpa(backend: str):
+    def why(cfg: Config) -> str | None:
+        if backend in ("efficient", "cudnn") and cfg.device != "cuda":
+            return f"the {backend} SDPA backend exists only on CUDA (this run is on CPU)"
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        import warnings
+        from torch.nn.attention import sdpa_kernel
+        x = torch.randn(1, 2, 64, cfg.head_dim, device=cfg.device, dtype=_dtype(cfg), requires_grad=True)
+        try:
+            with warnings.catch_warnings(record=True) as caught, sdpa_kernel([_sdpa_backend(backend)]):
+                warnings.simplefilter("always")
+                F.scaled_dot_product_attention(x, x, x).sum().backward()
+        except RuntimeError as e:
+            detail = "; ".join(str(w.message).splitlines()[0] for w in caught)
+            return f"SDPA {backend} backend cannot run {cfg.dtype} d={cfg.head_dim} here: " + (
+                detail or str(e).splitlines()[0])
+        return None
+    return why
+
+
+# -------------------------------------------------------------------------------------- modules
+
+
+class SoftmaxMHSA(nn.Module):
+    """The plain softmax attention layer of a timm ViT (qkv Linear → SDPA, default dispatch →
+    proj Linear), written out so the module-level comparison has a softmax row with no timm."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.h = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def _module_case(cfg: Config, side: int, make: Callable[[Config, int], nn.Module],
+                 call=None) -> Case:
+    torch.manual_seed(0)
+    n = side * side
+    module = make(cfg, n).to(device=cfg.device, dtype=_dtype(cfg))
+    gen = _gen(cfg, side)
+    x = _randn(cfg, cfg.batch, n, cfg.dim, gen=gen)
+    g = _randn(cfg, cfg.batch, n, cfg.dim, gen=gen, requires_grad=False)
+    if call is None:
+        def forward():
+            return module(x)
+    else:
+        def forward():
+            return call(module, x, (side, side))
+    return Case(forward, [x, *module.parameters()], g)
+
+
+def _make_imhsa_module(cfg, n):
+    from crosshead.nn import InteractiveMultiheadAttention
+    return InteractiveMultiheadAttention(cfg.dim, cfg.heads, landmarks=cfg.landmarks, mix=cfg.mix)
+
+
+def _make_talking_heads(cfg, n):
+    from timm.models.cait import TalkingHeadAttn
+    return TalkingHeadAttn(cfg.dim, num_heads=cfg.heads)
+
+
+def _make_performer(cfg, n):
+    from performer_pytorch import SelfAttention
+    return SelfAttention(dim=cfg.dim, heads=cfg.heads, dim_head=cfg.head_dim,
+                         nb_features=cfg.performer_features or None)
+
+
+def _make_nystrom(cfg, n):
+    from nystrom_attention import NystromAttention
+    return NystromAttention(dim=cfg.dim, dim_head=cfg.head_dim, heads=cfg.heads,
+                            num_landmarks=cfg.nystrom_landmarks or cfg.num_landmarks)
+
+
+def _make_linformer(cfg, n):
+    from linformer import LinformerSelfAttention
+    return LinformerSelfAttention(dim=cfg.dim, seq_len=n, k=cfg.linformer_k, heads=cfg.heads,
+                                  dim_head=cfg.head_dim)
+
+
+def _why_not_timm(cfg: Config) -> str | None:
+    reason = _missing("timm", "timm")
+    if reason:
+        return reason
+    try:
+        importlib.import_module("timm.models.cait")
+    except Exception as e:  # noqa: BLE001  (timm without torchvision, a version mismatch, ...)
+        return f"timm is installed but cannot be imported here: {type(e).__name__}: {e}"
+    return None
+
+
+def _always(cfg: Config) -> None:
+    return None
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+def _registry() -> dict[str, Contender]:
+    L = "L={L}"
+    items = [
+        Contender("imhsa-cuda", "op", "crosshead landmarks + imhsa, fused CUDA kernels",
+                  ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, "api"), _why_not_fused),
+        Contender("imhsa-torch", "op", f"crosshead landmarks + imhsa, pure-torch path ({L})",
+                  ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, _imhsa_torch_path(c)), _always),
+        Contender("imhsa-torch-compile", "op",
+                  "crosshead.reference landmarks + imhsa under torch.compile (inductor autograd)",
+                  ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, "compile"), _why_not_compile),
+    ]
+    for be, maps in (("math", (2.5, 3.5)), ("flash", (0, 0)), ("efficient", (0, 0)), ("cudnn", (0, 0))):
+        items.append(Contender(
+            f"sdpa-{be}", "op", f"F.scaled_dot_product_attention, {be} backend", ("op", f"sdpa_{be}"),
+            (lambda b: lambda c, s: _sdpa_case(c, s, b))(be), _why_not_sdpa(be), maps))
+    items += [
+        Contender("imhsa-module", "module",
+                  f"crosshead.nn.InteractiveMultiheadAttention ({L}, learned w_q, w_k)",
+                  ("module", "imhsa"),
+                  lambda c, s: _module_case(c, s, _make_imhsa_module, lambda m, x, grid: m(x, grid)),
+                  _always),
+        Contender("mhsa-sdpa-module", "module", "softmax MHSA layer (qkv → SDPA default dispatch → proj)",
+                  ("module", "sdpa"), lambda c, s: _module_case(c, s, lambda c, n: SoftmaxMHSA(c.dim, c.heads)),
+                  _always, (0.0, 0.0)),
+        Contender("talking-heads", "module", "timm.models.cait.TalkingHeadAttn (quadratic cross-head)",
+                  ("module", "talking_heads"), lambda c, s: _module_case(c, s, _make_talking_heads),
+                  _why_not_timm, (4.0, 9.0)),
+        Contender("performer", "module", "performer_pytorch.SelfAttention (FAVOR+, m={m_perf})",
+                  ("module", "performer"), lambda c, s: _module_case(c, s, _make_performer),
+                  lambda c: _missing("performer_pytorch", "performer-pytorch")),
+        Contender("nystrom", "module", "nystrom_attention.NystromAttention (m={m_nys}, 6 pinv iterations)",
+                  ("module", "nystrom"), lambda c, s: _module_case(c, s, _make_nystrom),
+                  lambda c: _missing("nystrom_attention", "nystrom-attention")),
+        Contender("linformer", "module", "linformer.LinformerSelfAttention (k={k_lin}, E, F sized to N)",
+                  ("module", "linformer"), lambda c, s: _module_case(c, s, _make_linformer),
+                  lambda c: _missing("linformer", "linformer")),
+    ]
+    return {c.name: c for c in items}
+
+
+CONTENDERS = _registry()
+
+
+def describe(c: Contender, cfg: Config) -> str:
+    from .costs import _performer_default
+    return c.what.format(L=cfg.num_landmarks, m_perf=cfg.performer_features or _performer_default(cfg.head_dim),
+                         m_nys=cfg.nystrom_landmarks or cfg.num_landmarks, k_lin=cfg.linformer_k)
+
+
+def names() -> list[str]:
+    return list(CONTENDERS)
+
+
+def baseline_contenders() -> dict[str, Contender]:
+    """Optional extra rows from crosshead.baselines (module level), if that package imports."""
+    try:
+        from crosshead import baselines
+    except Exception:  # noqa: BLE001
+        return {}
+    out = {}
+    for name in baselines.names():
+        def build(cfg, side, name=name):
+            return _module_case(cfg, side, lambda c, n: baselines.create(name, c.dim, c.heads),
+                                lambda m, x, grid: m(x, grid=grid))
+
+        def why(cfg, name=name):
+            return None if name in baselines.available() else f"crosshead.baselines says {name!r} is not available here"
+        out[f"baselines/{name}"] = Contender(f"baselines/{name}", "module",
+                                             f"crosshead.baselines.create({name!r})", None,
+                                             build, why)
+    return out
+
+
+def get(name: str) -> Contender:
+    if name in CONTENDERS:
+        return CONTENDERS[name]
+    if name.startswith("baselines/"):
+        extra = baseline_contenders()
+        if name in extra:
+            return extra[name]
+    raise KeyError(f"unknown contender {name!r}; known: {', '.join(CONTENDERS)} and baselines/<name>")

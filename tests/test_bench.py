@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark suite: the quick mode on a tiny sweep writes a JSON and a markdown
+report that parse, and every contender has a figure or a reason at every point."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import contenders, costs, report, timing  # noqa: E402
+from bench.config import Config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench", "--quick", "--grids", "8", "--threads", "1", "--min-reps", "2",
+           "--max-reps", "3", "--budget", "0", "--no-progress", "--out", str(out), "--tag", "smoke"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_quick_outputs_parse(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "smoke.json").read_text())
+    md = (out / "smoke.md").read_text()
+    assert results["machine"]["torch"] and results["machine"]["crosshead_backend"]
+    assert "copy_bandwidth_Bps" in results["roofline"] and results["roofline"]["matmul_flops"] > 0
+    assert md.startswith("# crosshead benchmark") and "## Points without a figure" in md
+    for line in md.splitlines():  # every markdown table row has as many cells as its header
+        assert not line.startswith("|") or line.count("|") >= 3
+    assert (out / "smoke-time.png").stat().st_size > 0 and (out / "smoke-memory.png").stat().st_size > 0
+    assert "imhsa-torch" in stdout
+
+
+def test_every_contender_has_a_figure_or_a_reason(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "smoke.json").read_text())
+    records = results["records"]
+    cfg = results["config"]
+    assert {r["contender"] for r in records} == set(contenders.names())
+    assert len(records) == len(contenders.names()) * len(cfg["grids"]) * len(cfg["passes"])
+    for r in records:
+        if r["status"] == "ok":
+            assert r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"], r
+            assert r["peak_bytes"] >= 0 and r["reps"] >= 2, r
+        else:
+            assert r["status"] in ("unavailable", "skipped", "failed") and r["reason"], r
+    ok = {r["contender"] for r in records if r["status"] == "ok"}
+    # always runnable on a CPU with crosshead and torch alone
+    assert {"imhsa-torch", "sdpa-math", "imhsa-module", "mhsa-sdpa-module"} <= ok
+    by_name = {r["contender"]: r for r in records}
+    assert "CUDA" in by_name["imhsa-cuda"]["reason"] or by_name["imhsa-cuda"]["status"] == "ok"
+
+
+def test_comparison_and_costs():
+    cfg = Config()
+    f_imhsa, b_imhsa = costs.cost(cfg, 16384, ("op", "imhsa"), "fwd")
+    f_math, b_math = costs.cost(cfg, 16384, ("op", "sdpa_math"), "fwd")
+    assert f_imhsa < f_math / 50 and b_imhsa < b_math / 100
+    rec = [{"contender": c, "pass": "fwd", "n": 16384, "status": "ok", "median_s": t, "peak_bytes": m}
+           for c, t, m in (("imhsa-torch", 0.1, 10), ("sdpa-math", 2.0, 1000))]
+    (comp,) = report.comparison(rec)
+    assert comp["time_ratio"] == pytest.approx(20) and comp["memory_ratio"] == pytest.approx(100)
+    assert comp["imhsa_faster"] and comp["imhsa_less_memory"]
+
+
+def test_timing_summary():
+    s = timing.summary([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert s["median_s"] == 3.0 and s["p20_s"] == pytest.approx(1.8) and s["p80_s"] == pytest.approx(4.2)
