@@ -106,29 +106,31 @@ def _side(s: Tensor, w: Tensor | None, mix: str):
     logits. Returns (Â, lse)."""
     if mix == "post":
         lse = torch.logsumexp(s, dim=-1)
-        return _mix(w, torch.exp(s - lse.unsqueeze(-1))), lse
+        return _mix(w, (s - lse.unsqueeze(-1)).exp_()), lse
     m = _mix(w, s)
     lse = torch.logsumexp(m, dim=-1)
-    return torch.exp(m - lse.unsqueeze(-1)), lse
+    return (m - lse.unsqueeze(-1)).exp_(), lse  # not m.sub_: logsumexp's backward needs m
 
 
 def _side_backward(d_a: Tensor, a: Tensor, p: Tensor | None, s: Tensor, w: Tensor | None,
                    mix: str):
     """Gradients of one side: from dÂ to (d logits per head, dw or None)."""
+    # d_a is a temporary of the caller's and is overwritten (the softmax adjoint runs in place)
     if mix == "post":
-        d_p = _mix_adjoint(w, d_a)
-        d_s = p * (d_p - (d_p * p).sum(-1, keepdim=True))
         d_w = _mix_weight_grad(d_a, p) if w is not None else None
+        d_p = _mix_adjoint(w, d_a)
+        d_s = d_p.sub_((d_p * p).sum(-1, keepdim=True)).mul_(p)
     else:
-        d_m = a * (d_a - (d_a * a).sum(-1, keepdim=True))
+        d_m = d_a.sub_((d_a * a).sum(-1, keepdim=True)).mul_(a)
         d_s = _mix_adjoint(w, d_m)
         d_w = _mix_weight_grad(d_m, s) if w is not None else None
     return d_s, d_w
 
 
 def _logits(q, k, k_land, q_land, scale):
-    s_k = torch.matmul(q_land, k.transpose(-1, -2)) * scale  # (B, h, L, N), softmax over N
-    s_q = torch.matmul(q, k_land.transpose(-1, -2)) * scale  # (B, h, N, L), softmax over L
+    # the scale goes on the small (L×d) landmark operands, not on the N×L products
+    s_k = torch.matmul(q_land * scale, k.transpose(-1, -2))  # (B, h, L, N), softmax over N
+    s_q = torch.matmul(q, (k_land * scale).transpose(-1, -2))  # (B, h, N, L), softmax over L
     return s_k, s_q
 
 
@@ -173,12 +175,10 @@ def imhsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_land: Te
 
     d_s_q, d_wq = _side_backward(d_a_q, a_q, p_q, s_q, wq, mix)
     d_s_k, d_wk = _side_backward(d_a_k, a_k, p_k, s_k, wk, mix)
-    d_s_q = d_s_q * scale
-    d_s_k = d_s_k * scale
-    d_q = torch.matmul(d_s_q, k_land)
-    d_k_land = torch.matmul(d_s_q.transpose(-1, -2), q)
-    d_q_land = torch.matmul(d_s_k, k)
-    d_k = torch.matmul(d_s_k.transpose(-1, -2), q_land)
+    d_q = torch.matmul(d_s_q, k_land * scale)
+    d_k_land = torch.matmul(d_s_q.transpose(-1, -2), q) * scale
+    d_q_land = torch.matmul(d_s_k, k) * scale
+    d_k = torch.matmul(d_s_k.transpose(-1, -2), q_land * scale)
 
     def w_grad(d_w, w):
         if w is None:
@@ -192,6 +192,6 @@ def imhsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_land: Te
 def _recompute(s: Tensor, w: Tensor | None, lse: Tensor, mix: str):
     """Â (and the per-head probabilities in post mode) from logits and the saved logsumexp."""
     if mix == "post":
-        p = torch.exp(s - lse.unsqueeze(-1))
+        p = (s - lse.unsqueeze(-1)).exp_()
         return _mix(w, p), p
-    return torch.exp(_mix(w, s) - lse.unsqueeze(-1)), None
+    return (_mix(w, s) - lse.unsqueeze(-1)).exp_(), None

@@ -132,3 +132,20 @@ def test_prefix_tokens_are_queries_and_keys_but_not_pooled():
     k2[:, :, 0] += 5.0
     assert torch.equal(crosshead.landmarks(k2, grid, (2, 2), 1), kl)
     assert not torch.allclose(crosshead.imhsa(q, k2, v, ql, kl), crosshead.imhsa(q, k, v, ql, kl))
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_autograd_through_the_reference_forward(mix, interaction):
+    """torch.compile of the pure-torch path (bench/) differentiates crosshead.reference.imhsa
+    itself: its in-place steps must leave autograd's saved tensors intact."""
+    from crosshead import reference
+
+    inputs = imhsa_inputs(2, 3, 17, 4, 5, interaction=interaction, requires_grad=True)
+    reference.imhsa(*inputs, mix, 0.6)[0].sum().backward()
+    got = [None if t is None else t.grad for t in inputs]
+    inputs64 = as64(inputs)
+    ref.imhsa(*inputs64, mix=mix, scale=0.6).sum().backward()
+    for g, t in zip(got, inputs64):
+        if t is not None:
+            torch.testing.assert_close(g, t.grad)
