@@ -99,6 +99,19 @@ class AttentionBlock(nn.Module):
         return x + self.drop_path(y if self.gamma2 is None else y * self.gamma2)
 
 
+class ClassifierHead:
+    """timm's classifier API for a model whose classifier is ``self.head`` on ``self.num_features``."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
 class FeatureInfo(list):
     """List of {num_chs, reduction, module} dicts with timm's ``channels()`` / ``reduction()`` helpers."""
 

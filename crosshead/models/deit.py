@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, init_weights
+from .blocks import AttentionBlock, ClassifierHead, init_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -33,7 +33,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
-class DeiTIMHSA(nn.Module):
+class DeiTIMHSA(ClassifierHead, nn.Module):
     """Plain ViT with a CLS token; every block's attention chosen by ``attn`` (default iMHSA post)."""
 
     def __init__(self, embed_dim: int = 192, depth: int = 12, num_heads: int = 3, *, attn: str = "imhsa_post",
@@ -62,15 +62,6 @@ class DeiTIMHSA(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"} | {n for n, _ in self.named_parameters() if n.endswith((".w_q", ".w_k"))}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
         if grid == (self.base_grid, self.base_grid):

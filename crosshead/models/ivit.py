@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import AttentionBlock, ConvBlock, FeatureInfo, LayerNorm2d, init_weights
+from .blocks import AttentionBlock, ClassifierHead, ConvBlock, FeatureInfo, LayerNorm2d, init_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -76,7 +76,7 @@ class AttentionStage(nn.Module):
         return self.norm(t.transpose(1, 2).reshape(B, C, H, W))
 
 
-class IViT(nn.Module):
+class IViT(ClassifierHead, nn.Module):
     """Hierarchical iMHSA vision transformer (4 stages, strides 4/8/16/32).
 
     Args:
@@ -120,15 +120,6 @@ class IViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names to exclude from weight decay besides 1-D parameters: the (h, h) cross-head maps."""
         return {n for n, _ in self.named_parameters() if n.endswith((".w_q", ".w_k"))}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] % 32 or x.shape[-2] % 32:
