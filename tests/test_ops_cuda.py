@@ -305,3 +305,67 @@ def test_runs_on_the_current_stream():
         got = torch.ops.crosshead.imhsa(*args, "post", 0.125)[0]
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ tensor-core path (half types)
+# float16/bfloat16 inputs with d in {32, 64, 128} run the tile products on tensor cores (mma.sync
+# TF32, float32 accumulation); CROSSHEAD_CUDA_TENSOR_CORES=0 forces the float32 CUDA-core path.
+# The variable is read at every op call, so both paths are checked in one process. TF32 operands
+# keep 11 significant bits (as many as float16), so the per-dtype TOL above holds for both paths.
+TC_PATHS = {"tensor_cores": "1", "cuda_cores": "0"}
+
+
+@pytest.fixture(params=sorted(TC_PATHS), ids=str)
+def tc_path(request, monkeypatch):
+    monkeypatch.setenv("CROSSHEAD_CUDA_TENSOR_CORES", TC_PATHS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("N", [197, 37], ids=lambda n: f"N{n}")  # N=37: a single partial tile
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_switch_matches_float64_reference(tc_path, dtype, mix, interaction, N, d):
+    args = inputs(2, 4, N, d, 49, dtype=dtype, interaction=interaction)  # L = 49: partial 16-blocks
+    run_and_check(args, mix, d ** -0.5, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_path_is_bitwise_deterministic(tc_path, dtype):
+    for mix in ("post", "pre"):
+        args = inputs(2, 8, 1001, 64, 49, dtype=dtype)
+        out = torch.ops.crosshead.imhsa(*args, mix, 0.125)
+        poison_cache()
+        out2 = torch.ops.crosshead.imhsa(*args, mix, 0.125)
+        assert all(torch.equal(a, b) for a, b in zip(out, out2)), f"forward differs between runs ({tc_path})"
+        g = rand(*args[0].shape, dtype=dtype)
+        first = torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], mix, 0.125)
+        poison_cache()
+        second = torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], mix, 0.125)
+        for i, (a, b) in enumerate(zip(first, second)):
+            assert torch.equal(a, b), f"gradient {i} differs bitwise between two runs ({mix}, {tc_path})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_switch_selects_the_path(monkeypatch, dtype):
+    """The switch is live: with d in {32, 64, 128} the two paths sum in different orders, so the
+    float32 z differs in its low bits; with another d, or float32 inputs, both settings run the
+    same CUDA-core kernels and agree bitwise."""
+    def run(setting, args):
+        monkeypatch.setenv("CROSSHEAD_CUDA_TENSOR_CORES", setting)
+        out = torch.ops.crosshead.imhsa(*args, "post", 0.2)
+        g = torch.ones_like(args[0])
+        return out, torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], "post", 0.2)
+
+    fast = inputs(2, 4, 133, 64, 49, dtype=dtype)
+    (out_tc, grads_tc), (out_cc, grads_cc) = run("1", fast), run("0", fast)
+    assert not torch.equal(out_tc[1], out_cc[1]), "CROSSHEAD_CUDA_TENSOR_CORES=0 did not change the path"
+    for name, a, b in zip(("out", "z"), out_tc, out_cc):
+        check(name, a, b.to(torch.float64), dtype)  # the paths agree to the dtype's tolerance
+    for i, (a, b) in enumerate(zip(grads_tc, grads_cc)):
+        check(f"grad {i}", a, b.to(torch.float64), dtype)
+    for other in (inputs(2, 4, 133, 40, 49, dtype=dtype), inputs(2, 4, 133, 64, 49, dtype=torch.float32)):
+        (o1, g1), (o0, g0) = run("1", other), run("0", other)
+        assert all(torch.equal(a, b) for a, b in zip((*o1, *g1), (*o0, *g0))), \
+            "the generic path must not depend on CROSSHEAD_CUDA_TENSOR_CORES"

@@ -17,7 +17,10 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 namespace crosshead {
 
@@ -73,6 +76,33 @@ void set_smem(K kernel, size_t bytes) {
   }
 }
 
+// The tensor-core path (see README.md in this folder): float16/bfloat16 inputs with d in {32, 64,
+// 128} on sm_80+ run the tile products as mma.sync m16n8k8 TF32 with float32 accumulation.
+// CROSSHEAD_CUDA_TENSOR_CORES=0 forces the float32 CUDA-core path; the variable is read at every
+// call (getenv is cheap next to a launch), so one process can compare both paths.
+inline bool tensor_cores_enabled() {
+  const char* s = std::getenv("CROSSHEAD_CUDA_TENSOR_CORES");
+  return s == nullptr || std::strcmp(s, "0") != 0;
+}
+
+inline bool tensor_core_head_dim(int d) { return d == 32 || d == 64 || d == 128; }
+
+// Calls f(std::true_type{}) when the tensor-core path serves element type T at head dim d on the
+// current device and `want` (tensor_cores_enabled(), read once per op call) allows it, else
+// f(std::false_type{}). float32 inputs always take the CUDA-core path (and instantiate only it).
+template <typename T, typename F>
+void dispatch_tensor_cores(bool want, int d, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    f(std::false_type{});
+  } else {
+    if (want && tensor_core_head_dim(d) && at::cuda::getCurrentDeviceProperties()->major >= 8) {
+      f(std::true_type{});
+    } else {
+      f(std::false_type{});
+    }
+  }
+}
+
 // Tokens per tile so that `maps` score maps (h·TN·L floats each), a staged token tile
 // (TN·xs_ld(d) floats) and `fixed` further floats fit the shared-memory budget.
 inline int pick_tile(int H, int L, int d, int maps, int64_t fixed_floats, int64_t N) {
@@ -125,10 +155,208 @@ __device__ void stage_tokens(float* Xs, const T* __restrict__ x, int64_t sn, int
   }
 }
 
+// ------------------------------------------------------------- tensor-core tile products
+//
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, one warp per 16×16 output item (two
+// m16n8 blocks sharing the A fragment), float32 accumulation. Fragment ownership (PTX ISA, "Matrix
+// fragments for mma.m16n8k8", .tf32), with g = lane / 4 and t = lane % 4:
+//   A (16×8, row):  a[r] = A[g + 8·(r % 2)][t + 4·(r / 2)]
+//   B (8×8, col):   b[r] = B[t + 4·r][g]
+//   C (16×8):       c[r] = C[g + 8·(r / 2)][2·t + r % 2]
+// Partial tiles (nv tokens, L landmarks, neither a multiple of 16 or 8) are zero-padded in
+// registers: an operand element outside the valid range is loaded from a clamped, in-bounds
+// address and replaced by 0, and output elements outside it are never stored. No shared memory
+// beyond the existing buffers is used, so the tile sizing (pick_tile) is unchanged.
+// Staged token values come from float16/bfloat16 and are exact in TF32 (used as is); every other
+// operand (probabilities, dS, Z, dZ, landmarks) is rounded to nearest TF32 (cvt.rna), i.e. to
+// 11 significant bits, the precision of a float16 operand. Each output element has one owner lane
+// and a fixed instruction sequence, so results stay bitwise reproducible.
+namespace tc {
+
+__device__ __forceinline__ uint32_t tf32(float x) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+  r = __float_as_uint(x);
+#endif
+  return r;
+}
+
+// c += a·b on one m16n8k8 TF32 block.
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // never launched: the host selects this path only on sm_80+
+#endif
+}
+
+// Two consecutive elements of a T row (col even, 2·sizeof(T)-aligned) in one store.
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T x, y;
+};
+
+template <typename T>
+__device__ __forceinline__ void store2(T* p, float a, float b) {
+  *reinterpret_cast<Pair<T>*>(p) = Pair<T>{from_f<T>(a), from_f<T>(b)};
+}
+
+// S[n][l] = alpha · Σ_k Xs[n][k] · Y[l][k]: M = tokens, N = landmarks, K = KD.
+template <int KD>
+__device__ __forceinline__ void dots(float* S, const float* Xs, const float* __restrict__ Y, int nv, int L, float alpha) {
+  constexpr int ld = KD + 4;  // xs_ld(KD)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ntiles = (nv + 15) >> 4, items = ntiles * ((L + 15) >> 4);
+  for (int item = warp; item < items; item += warps) {
+    const int n0 = (item % ntiles) * 16, l0 = (item / ntiles) * 16;
+    const int r0 = n0 + g, r1 = r0 + 8, la = l0 + g, lb = la + 8;
+    const bool v0 = r0 < nv, v1 = r1 < nv, ya = la < L, yb = lb < L;
+    const float* x0 = Xs + (v0 ? r0 : 0) * ld + t;
+    const float* x1 = Xs + (v1 ? r1 : 0) * ld + t;
+    const float* y0 = Y + (ya ? la : 0) * KD + t;
+    const float* y1 = Y + (yb ? lb : 0) * KD + t;
+    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int k = 0; k < KD; k += 8) {
+      const uint32_t a[4] = {v0 ? __float_as_uint(x0[k]) : 0u, v1 ? __float_as_uint(x1[k]) : 0u,
+                             v0 ? __float_as_uint(x0[k + 4]) : 0u, v1 ? __float_as_uint(x1[k + 4]) : 0u};
+      const uint32_t b0[2] = {ya ? tf32(__ldg(y0 + k)) : 0u, ya ? tf32(__ldg(y0 + k + 4)) : 0u};
+      const uint32_t b1[2] = {yb ? tf32(__ldg(y1 + k)) : 0u, yb ? tf32(__ldg(y1 + k + 4)) : 0u};
+      mma(c0, a, b0);
+      mma(c1, a, b1);
+    }
+    const int ca = l0 + 2 * t, cb = ca + 8;
+    if (v0) {
+      if (ca < L) S[r0 * L + ca] = alpha * c0[0];
+      if (ca + 1 < L) S[r0 * L + ca + 1] = alpha * c0[1];
+      if (cb < L) S[r0 * L + cb] = alpha * c1[0];
+      if (cb + 1 < L) S[r0 * L + cb + 1] = alpha * c1[1];
+    }
+    if (v1) {
+      if (ca < L) S[r1 * L + ca] = alpha * c0[2];
+      if (ca + 1 < L) S[r1 * L + ca + 1] = alpha * c0[3];
+      if (cb < L) S[r1 * L + cb] = alpha * c1[2];
+      if (cb + 1 < L) S[r1 * L + cb + 1] = alpha * c1[3];
+    }
+  }
+}
+
+// out[n][k] = alpha · Σ_l A[n][l] · Y[l][k]: M = tokens, N = KD, K = landmarks (padded to 8).
+template <int KD, typename T>
+__device__ __forceinline__ void tokens_out(T* __restrict__ out, int64_t sn, const float* A, const float* __restrict__ Y, int nv,
+                           int L, float alpha) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ntiles = (nv + 15) >> 4, items = ntiles * (KD / 16);
+  for (int item = warp; item < items; item += warps) {
+    const int n0 = (item % ntiles) * 16, k0 = (item / ntiles) * 16;
+    const int r0 = n0 + g, r1 = r0 + 8;
+    const bool v0 = r0 < nv, v1 = r1 < nv;
+    const float* a0 = A + (v0 ? r0 : 0) * L;
+    const float* a1 = A + (v1 ? r1 : 0) * L;
+    const float* y = Y + k0 + g;
+    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+    for (int l = 0; l < L; l += 8) {
+      const int la = l + t, lb = la + 4;
+      const bool ua = la < L, ub = lb < L;
+      const int ia = ua ? la : 0, ib = ub ? lb : 0;
+      const uint32_t a[4] = {(v0 && ua) ? tf32(a0[ia]) : 0u, (v1 && ua) ? tf32(a1[ia]) : 0u,
+                             (v0 && ub) ? tf32(a0[ib]) : 0u, (v1 && ub) ? tf32(a1[ib]) : 0u};
+      const float* ya = y + static_cast<int64_t>(ia) * KD;
+      const float* yb = y + static_cast<int64_t>(ib) * KD;
+      const uint32_t b0[2] = {ua ? tf32(__ldg(ya)) : 0u, ub ? tf32(__ldg(yb)) : 0u};
+      const uint32_t b1[2] = {ua ? tf32(__ldg(ya + 8)) : 0u, ub ? tf32(__ldg(yb + 8)) : 0u};
+      mma(c0, a, b0);
+      mma(c1, a, b1);
+    }
+    const int ca = k0 + 2 * t, cb = ca + 8;
+    if (v0) {
+      store2(out + r0 * sn + ca, alpha * c0[0], alpha * c0[1]);
+      store2(out + r0 * sn + cb, alpha * c1[0], alpha * c1[1]);
+    }
+    if (v1) {
+      store2(out + r1 * sn + ca, alpha * c0[2], alpha * c0[3]);
+      store2(out + r1 * sn + cb, alpha * c1[2], alpha * c1[3]);
+    }
+  }
+}
+
+// R[l][k] (=|+=) alpha · Σ_{n<nv} A[n][l] · Xs[n][k]: M = landmarks, N = KD, K = tokens (padded
+// to 8). The item -> warp assignment depends on L and KD only, never on nv, so every element of
+// R has the same owner lane on every tile and the read-modify-write stays race-free and ordered.
+template <int KD>
+__device__ __forceinline__ void landmark_acc(float* __restrict__ R, const float* A, const float* Xs, int nv, int L, float alpha,
+                             bool first) {
+  constexpr int ld = KD + 4;  // xs_ld(KD)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ltiles = (L + 15) >> 4, items = ltiles * (KD / 16);
+  for (int item = warp; item < items; item += warps) {
+    const int l0 = (item % ltiles) * 16, k0 = (item / ltiles) * 16;
+    const int m0 = l0 + g, m1 = m0 + 8;
+    const bool w0 = m0 < L, w1 = m1 < L;
+    const int i0 = w0 ? m0 : 0, i1 = w1 ? m1 : 0;
+    const float* xs = Xs + k0 + g;
+    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+    for (int n = 0; n < nv; n += 8) {
+      const int na = n + t, nb = na + 4;
+      const bool ua = na < nv, ub = nb < nv;
+      const float* aa = A + (ua ? na : 0) * L;
+      const float* ab = A + (ub ? nb : 0) * L;
+      const uint32_t a[4] = {(ua && w0) ? tf32(aa[i0]) : 0u, (ua && w1) ? tf32(aa[i1]) : 0u,
+                             (ub && w0) ? tf32(ab[i0]) : 0u, (ub && w1) ? tf32(ab[i1]) : 0u};
+      const float* xa = xs + (ua ? na : 0) * ld;
+      const float* xb = xs + (ub ? nb : 0) * ld;
+      const uint32_t b0[2] = {ua ? __float_as_uint(xa[0]) : 0u, ub ? __float_as_uint(xb[0]) : 0u};
+      const uint32_t b1[2] = {ua ? __float_as_uint(xa[8]) : 0u, ub ? __float_as_uint(xb[8]) : 0u};
+      mma(c0, a, b0);
+      mma(c1, a, b1);
+    }
+    const int ca = k0 + 2 * t, cb = ca + 8;
+    auto put = [&](int row, int col, float x, float y) {
+      float2* r = reinterpret_cast<float2*>(R + static_cast<int64_t>(row) * KD + col);
+      float2 v = make_float2(alpha * x, alpha * y);
+      if (!first) {
+        const float2 old = *r;
+        v = make_float2(old.x + v.x, old.y + v.y);
+      }
+      *r = v;
+    };
+    if (w0) {
+      put(m0, ca, c0[0], c0[1]);
+      put(m0, cb, c1[0], c1[1]);
+    }
+    if (w1) {
+      put(m1, ca, c0[2], c0[3]);
+      put(m1, cb, c1[2], c1[3]);
+    }
+  }
+}
+
+}  // namespace tc
+
 // S[n][l] = alpha · Σ_k Xs[n][k] · Y[l][k] for n < nv, l < L (a score or dÂ tile of one head).
 // Threads run over n fastest, so a warp shares l: Y reads are broadcasts, Xs reads conflict-free.
+// kTC: the tensor-core version (tc::dots) when d is 32, 64 or 128 (Xs staged from a half type).
+template <bool kTC = false>
 __device__ inline void tile_dots(float* S, const float* Xs, const float* __restrict__ Y, int nv, int L,
                                  int d, float alpha) {
+  if constexpr (kTC) {
+    switch (d) {
+      case 32: tc::dots<32>(S, Xs, Y, nv, L, alpha); return;
+      case 64: tc::dots<64>(S, Xs, Y, nv, L, alpha); return;
+      case 128: tc::dots<128>(S, Xs, Y, nv, L, alpha); return;
+      default: break;  // other d: the CUDA-core loop below
+    }
+  }
   const int ld = xs_ld(d);
   if ((d & 3) == 0) {  // float4 path: 2 loads per 4 FMAs
     const int d4 = d >> 2, ld4 = ld >> 2;
@@ -164,9 +392,18 @@ __device__ inline void tile_dots(float* S, const float* Xs, const float* __restr
 }
 
 // out[n][k] = alpha · Σ_l A[n][l] · Y[l][k], written in T to out (row stride sn), n < nv.
-template <typename T>
+// kTC: the tensor-core version (tc::tokens_out) when d is 32, 64 or 128 (out 4-byte aligned rows).
+template <bool kTC = false, typename T>
 __device__ void tile_tokens_out(T* __restrict__ out, int64_t sn, const float* A,
                                 const float* __restrict__ Y, int nv, int L, int d, float alpha) {
+  if constexpr (kTC) {
+    switch (d) {
+      case 32: tc::tokens_out<32>(out, sn, A, Y, nv, L, alpha); return;
+      case 64: tc::tokens_out<64>(out, sn, A, Y, nv, L, alpha); return;
+      case 128: tc::tokens_out<128>(out, sn, A, Y, nv, L, alpha); return;
+      default: break;  // other d: the CUDA-core loop below
+    }
+  }
   if ((d & 3) == 0) {  // float4 path: each thread owns 4 consecutive k
     const int d4 = d >> 2;
     for (int e = threadIdx.x; e < nv * d4; e += blockDim.x) {
@@ -207,8 +444,19 @@ __device__ void tile_tokens_out(T* __restrict__ out, int64_t sn, const float* A,
 // R[l][k] (=|+=) alpha · Σ_{n<nv} A[n][l] · Xs[n][k]: a landmark-side partial sum over the tile's
 // tokens, into this CTA's own slice of a global partial buffer (each element has one owner thread,
 // the same for every tile, so the read-modify-write is race-free and ordered). R is L×d contiguous.
+// kTC: the tensor-core version (tc::landmark_acc) when d is 32, 64 or 128 (Xs from a half type).
+// A kernel must use one kTC for all tiles of a split (the element ownership differs between them).
+template <bool kTC = false>
 __device__ inline void tile_landmark_acc(float* __restrict__ R, const float* A, const float* Xs, int nv,
                                          int L, int d, float alpha, bool first) {
+  if constexpr (kTC) {
+    switch (d) {
+      case 32: tc::landmark_acc<32>(R, A, Xs, nv, L, alpha, first); return;
+      case 64: tc::landmark_acc<64>(R, A, Xs, nv, L, alpha, first); return;
+      case 128: tc::landmark_acc<128>(R, A, Xs, nv, L, alpha, first); return;
+      default: break;  // other d: the CUDA-core loop below
+    }
+  }
   const int ld = xs_ld(d);
   if ((d & 3) == 0) {  // float4 path
     const int d4 = d >> 2, ld4 = ld >> 2;

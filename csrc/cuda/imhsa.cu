@@ -94,9 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> imhsa_cuda(
   at::Tensor lse_k = at::empty({s.B, s.H, s.L}, fopt);
   at::Tensor lse_q = at::empty({s.B, s.H, s.N}, fopt);
   if (s.B == 0) return {out, z, lse_k, lse_q};
+  const bool use_tc = tensor_cores_enabled();  // CROSSHEAD_CUDA_TENSOR_CORES, read once per call
   key_side_forward(unit_stride_last(k), unit_stride_last(v), as_float(q_land), weight_f(w_k), pre, scale, z,
-                   lse_k);
-  query_side_forward(unit_stride_last(q), as_float(k_land), z, weight_f(w_q), pre, scale, out, lse_q);
+                   lse_k, use_tc);
+  query_side_forward(unit_stride_last(q), as_float(k_land), z, weight_f(w_q), pre, scale, out, lse_q, use_tc);
   return {out, z, lse_k, lse_q};
 }
 
@@ -138,10 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor zc = as_float(z);
   at::Tensor dz = at::empty({s.B, s.H, s.L, s.d}, opt.dtype(at::kFloat));
+  const bool use_tc = tensor_cores_enabled();  // CROSSHEAD_CUDA_TENSOR_CORES, read once per call
   query_side_backward(unit_stride_last(grad_out), unit_stride_last(q), as_float(k_land), zc, weight_f(w_q),
-                      lse_q.contiguous(), pre, scale, dq, dz, dk_land, dw_q);
+                      lse_q.contiguous(), pre, scale, dq, dz, dk_land, dw_q, use_tc);
   key_side_backward(unit_stride_last(k), unit_stride_last(v), as_float(q_land), weight_f(w_k), zc, dz,
-                    lse_k.contiguous(), pre, scale, dk, dv, dq_land, dw_k);
+                    lse_k.contiguous(), pre, scale, dk, dv, dq_land, dw_k, use_tc);
   return {dq, dk, dv, dq_land, dk_land, dw_q, dw_k};
 }
 

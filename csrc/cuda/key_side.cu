@@ -10,7 +10,7 @@ namespace crosshead {
 namespace {
 
 // S_K for all heads of the tile into M[h][n][l], staging k one head at a time.
-template <typename T>
+template <typename T, bool kTC>
 __device__ void key_scores(float* M, float* Xs, const SideParams& p, int b, int n0, int nv) {
   const int mapsz = p.tn * p.L;
   const T* k = static_cast<const T*>(p.x.ptr) + b * p.x.sb + n0 * p.x.sn;
@@ -18,7 +18,7 @@ __device__ void key_scores(float* M, float* Xs, const SideParams& p, int b, int 
     __syncthreads();
     stage_tokens(Xs, k + h * p.x.sh, p.x.sn, nv, p.d);
     __syncthreads();
-    tile_dots(M + h * mapsz, Xs, p.land + (int64_t(b) * p.H + h) * p.L * p.d, nv, p.L, p.d, p.scale);
+    tile_dots<kTC>(M + h * mapsz, Xs, p.land + (int64_t(b) * p.H + h) * p.L * p.d, nv, p.L, p.d, p.scale);
   }
   __syncthreads();
 }
@@ -34,7 +34,7 @@ __device__ inline void exp_minus_lse(float* M, const float* src, const float* __
 
 // Pass 1: per split, the running (max, Σexp) over its tokens of each row (g, l) of the logits
 // (post) or of the mixed logits (pre).
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) key_stats_kernel(SideParams p, int splits) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, mapsz = p.tn * L;
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) key_stats_kernel(SideParams p, int s
   const int t0 = split * p.per_split, t1 = min(p.tiles, t0 + p.per_split);
   for (int t = t0; t < t1; ++t) {
     const int n0 = t * p.tn, nv = min(p.tn, p.N - n0);
-    key_scores<T>(M, Xs, p, b, n0, nv);
+    key_scores<T, kTC>(M, Xs, p, b, n0, nv);
     if (p.pre && p.w) {
       mix_heads<false>(M, mapsz, nv * L, ws, H);
       __syncthreads();
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) key_stats_kernel(SideParams p, int s
 }
 
 // Pass 2: Â_K for the tile from lse_k, partial Z[g] += Â_K[g]·v[g] over the split's tokens.
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) key_z_kernel(SideParams p, int splits) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) key_z_kernel(SideParams p, int split
   const int t0 = split * p.per_split, t1 = min(p.tiles, t0 + p.per_split);
   for (int t = t0; t < t1; ++t) {
     const int n0 = t * p.tn, nv = min(p.tn, p.N - n0), cnt = nv * L;
-    key_scores<T>(M, Xs, p, b, n0, nv);
+    key_scores<T, kTC>(M, Xs, p, b, n0, nv);
     if (!p.pre) {  // post: Â = mix(exp(S - lse))
       exp_minus_lse(M, M, lse, mapsz, cnt, L, H);
       if (has_w) {
@@ -104,14 +104,14 @@ __global__ void __launch_bounds__(kThreads) key_z_kernel(SideParams p, int split
       __syncthreads();
       stage_tokens(Xs, v + g * p.y.sh + n0 * p.y.sn, p.y.sn, nv, d);
       __syncthreads();
-      tile_landmark_acc(p.part + (part_base + g) * L * d, M + g * mapsz, Xs, nv, L, d, 1.f, t == t0);
+      tile_landmark_acc<kTC>(p.part + (part_base + g) * L * d, M + g * mapsz, Xs, nv, L, d, 1.f, t == t0);
     }
   }
 }
 
 // Backward pass 1 (post mode with w only): D[h][l] = Σ_n P[h][l][n]·dP[h][l][n], the rowsum term
 // of the softmax Jacobian over N, per split. (Without w, or in pre mode, D = rowsum(dZ ∘ Z).)
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) key_rowsum_kernel(SideParams p, int splits) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
@@ -128,13 +128,13 @@ __global__ void __launch_bounds__(kThreads) key_rowsum_kernel(SideParams p, int 
   const int t0 = split * p.per_split, t1 = min(p.tiles, t0 + p.per_split);
   for (int t = t0; t < t1; ++t) {
     const int n0 = t * p.tn, nv = min(p.tn, p.N - n0), cnt = nv * L;
-    key_scores<T>(P, Xs, p, b, n0, nv);
+    key_scores<T, kTC>(P, Xs, p, b, n0, nv);
     exp_minus_lse(P, P, lse, mapsz, cnt, L, H);
     for (int g = 0; g < H; ++g) {  // dÂ_K[g] = dZ[g]·v[g]ᵀ
       __syncthreads();
       stage_tokens(Xs, v + g * p.y.sh + n0 * p.y.sn, p.y.sn, nv, d);
       __syncthreads();
-      tile_dots(G + g * mapsz, Xs, p.lval + (int64_t(b) * H + g) * L * d, nv, L, d, 1.f);
+      tile_dots<kTC>(G + g * mapsz, Xs, p.lval + (int64_t(b) * H + g) * L * d, nv, L, d, 1.f);
     }
     __syncthreads();
     mix_heads<true>(G, mapsz, cnt, ws, H);  // dP = mixᵀ(dÂ)
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) key_rowsum_kernel(SideParams p, int 
 // Backward pass 2: per tile recompute P/Â_K, dÂ_K = dZ·vᵀ, dv = Â_Kᵀ·dZ, the softmax and mixing
 // adjoints (dS_K), dk = scale·dS_Kᵀ·q_land; partial dq_land += scale·dS_K·k and dw_k.
 // Maps: P (post: probabilities; pre: logits S), A (Â_K; aliases P in post mode without w), G.
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) key_backward_kernel(SideParams p, int splits) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) key_backward_kernel(SideParams p, in
   for (int t = t0; t < t1; ++t) {
     const bool first = t == t0;
     const int n0 = t * p.tn, nv = min(p.tn, p.N - n0), cnt = nv * L;
-    key_scores<T>(P, Xs, p, b, n0, nv);
+    key_scores<T, kTC>(P, Xs, p, b, n0, nv);
     if (!p.pre) {
       exp_minus_lse(P, P, lse, mapsz, cnt, L, H);
       if (has_w) {
@@ -198,8 +198,8 @@ __global__ void __launch_bounds__(kThreads) key_backward_kernel(SideParams p, in
       __syncthreads();
       stage_tokens(Xs, v + g * p.y.sh + n0 * p.y.sn, p.y.sn, nv, d);
       __syncthreads();
-      tile_dots(G + g * mapsz, Xs, p.lval + bg * L * d, nv, L, d, 1.f);  // dÂ_K[g] = dZ[g]·v[g]ᵀ
-      tile_tokens_out(dv + (bg * p.N + n0) * d, d, Aeff + g * mapsz, p.lval + bg * L * d, nv, L, d, 1.f);
+      tile_dots<kTC>(G + g * mapsz, Xs, p.lval + bg * L * d, nv, L, d, 1.f);  // dÂ_K[g] = dZ[g]·v[g]ᵀ
+      tile_tokens_out<kTC>(dv + (bg * p.N + n0) * d, d, Aeff + g * mapsz, p.lval + bg * L * d, nv, L, d, 1.f);
     }
     __syncthreads();
     if (!p.pre) {
@@ -228,11 +228,11 @@ __global__ void __launch_bounds__(kThreads) key_backward_kernel(SideParams p, in
     __syncthreads();
     for (int h = 0; h < H; ++h) {
       const int64_t bh = int64_t(b) * H + h;
-      tile_tokens_out(dk + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
+      tile_tokens_out<kTC>(dk + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
       __syncthreads();
       stage_tokens(Xs, k + h * p.x.sh + n0 * p.x.sn, p.x.sn, nv, d);
       __syncthreads();
-      tile_landmark_acc(p.part + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
+      tile_landmark_acc<kTC>(p.part + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
     }
   }
   if (has_w) {
@@ -261,7 +261,8 @@ size_t smem_bytes(const SideParams& p, int maps, int64_t fixed) {
 }  // namespace
 
 void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_land_f,
-                      const at::Tensor& w_k_f, bool pre, double scale, at::Tensor& z, at::Tensor& lse_k) {
+                      const at::Tensor& w_k_f, bool pre, double scale, at::Tensor& z, at::Tensor& lse_k,
+                      bool tensor_cores) {
   SideParams p = base_params(k, v, q_land_f, w_k_f, pre, scale);
   const int H = p.H, L = p.L, d = p.d;
   const int64_t fixed = int64_t(H) * H + 2 * int64_t(H) * L;
@@ -281,15 +282,18 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
   at::Tensor lse2 = lse_k.view({p.B, int64_t(H) * L});
   dispatch_float_types(k.scalar_type(), "imhsa (k)", [&](auto tag) {
     using T = decltype(tag);
-    const size_t smem1 = smem_bytes(p, 1, fixed);
-    set_smem(key_stats_kernel<T>, smem1);
-    key_stats_kernel<T><<<grid, kThreads, smem1, stream>>>(p, s.splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    reduce_logsumexp(part_m, part_s, lse2);
-    const size_t smem2 = smem_bytes(p, 1, int64_t(H) * H);
-    set_smem(key_z_kernel<T>, smem2);
-    key_z_kernel<T><<<grid, kThreads, smem2, stream>>>(p, s.splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {  // one path for both passes
+      constexpr bool kTC = decltype(tcv)::value;
+      const size_t smem1 = smem_bytes(p, 1, fixed);
+      set_smem(key_stats_kernel<T, kTC>, smem1);
+      key_stats_kernel<T, kTC><<<grid, kThreads, smem1, stream>>>(p, s.splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce_logsumexp(part_m, part_s, lse2);
+      const size_t smem2 = smem_bytes(p, 1, int64_t(H) * H);
+      set_smem(key_z_kernel<T, kTC>, smem2);
+      key_z_kernel<T, kTC><<<grid, kThreads, smem2, stream>>>(p, s.splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   at::Tensor z2 = z.view({p.B, int64_t(H) * L * d});
   reduce_splits(part_z, 1.0, z2);
@@ -298,7 +302,7 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
 void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_land_f,
                        const at::Tensor& w_k_f, const at::Tensor& z, const at::Tensor& dz,
                        const at::Tensor& lse_k, bool pre, double scale, at::Tensor& dk, at::Tensor& dv,
-                       at::Tensor& dq_land, at::Tensor& dw_k) {
+                       at::Tensor& dq_land, at::Tensor& dw_k, bool tensor_cores) {
   SideParams p = base_params(k, v, q_land_f, w_k_f, pre, scale);
   const int H = p.H, L = p.L, d = p.d;
   p.lval = dz.data_ptr<float>();
@@ -319,9 +323,12 @@ void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tenso
     const size_t smem = smem_bytes(p, 2, int64_t(H) * H + int64_t(H) * L);
     dispatch_float_types(k.scalar_type(), "imhsa_backward (k)", [&](auto tag) {
       using T = decltype(tag);
-      set_smem(key_rowsum_kernel<T>, smem);
-      key_rowsum_kernel<T><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
+        constexpr bool kTC = decltype(tcv)::value;
+        set_smem(key_rowsum_kernel<T, kTC>, smem);
+        key_rowsum_kernel<T, kTC><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
     D = at::empty({p.B, H, L}, fopt);
     at::Tensor D2 = D.view({p.B, int64_t(H) * L});
@@ -340,9 +347,12 @@ void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tenso
   const size_t smem = smem_bytes(p, 3, 2 * int64_t(H) * H);
   dispatch_float_types(k.scalar_type(), "imhsa_backward (k)", [&](auto tag) {
     using T = decltype(tag);
-    set_smem(key_backward_kernel<T>, smem);
-    key_backward_kernel<T><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
+      constexpr bool kTC = decltype(tcv)::value;
+      set_smem(key_backward_kernel<T, kTC>, smem);
+      key_backward_kernel<T, kTC><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   at::Tensor dql2 = dq_land.view({p.B, int64_t(H) * L * d});
   reduce_splits(part_dql, 1.0, dql2);

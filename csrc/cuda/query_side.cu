@@ -20,7 +20,7 @@ __device__ __forceinline__ float softmax_row(float* row, int L) {
 }
 
 // S_Q for all heads of the tile into M[h][n][l], staging q one head at a time.
-template <typename T>
+template <typename T, bool kTC>
 __device__ void query_scores(float* M, float* Xs, const SideParams& p, int b, int n0, int nv) {
   const int mapsz = p.tn * p.L;
   const T* q = static_cast<const T*>(p.x.ptr) + b * p.x.sb + n0 * p.x.sn;
@@ -28,13 +28,13 @@ __device__ void query_scores(float* M, float* Xs, const SideParams& p, int b, in
     __syncthreads();
     stage_tokens(Xs, q + h * p.x.sh, p.x.sn, nv, p.d);
     __syncthreads();
-    tile_dots(M + h * mapsz, Xs, p.land + (int64_t(b) * p.H + h) * p.L * p.d, nv, p.L, p.d, p.scale);
+    tile_dots<kTC>(M + h * mapsz, Xs, p.land + (int64_t(b) * p.H + h) * p.L * p.d, nv, p.L, p.d, p.scale);
   }
   __syncthreads();
 }
 
 // Forward: one CTA per (tile, b). Writes out (B, H, N, d) and lse_q (B, H, N).
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) query_forward_kernel(SideParams p) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) query_forward_kernel(SideParams p) {
   const int b = blockIdx.y, n0 = blockIdx.x * p.tn, nv = min(p.tn, p.N - n0);
   const bool has_w = p.w != nullptr;
   load_weights(ws, p.w, H);
-  query_scores<T>(M, Xs, p, b, n0, nv);
+  query_scores<T, kTC>(M, Xs, p, b, n0, nv);
   if (p.pre && has_w) {  // pre: mix the logits, then softmax the mixed rows
     mix_heads<false>(M, mapsz, nv * L, ws, H);
     __syncthreads();
@@ -61,13 +61,13 @@ __global__ void __launch_bounds__(kThreads) query_forward_kernel(SideParams p) {
   T* out = static_cast<T*>(p.out);
   for (int g = 0; g < H; ++g) {
     const int64_t bg = int64_t(b) * H + g;
-    tile_tokens_out(out + (bg * p.N + n0) * d, d, M + g * mapsz, p.lval + bg * L * d, nv, L, d, 1.f);
+    tile_tokens_out<kTC>(out + (bg * p.N + n0) * d, d, M + g * mapsz, p.lval + bg * L * d, nv, L, d, 1.f);
   }
 }
 
 // Backward: one CTA per (split, b), looping over its tiles. Maps: P (post: probabilities per
 // head; pre: the logits S), A (Â_Q; aliases P in post mode without w), G (dÂ_Q, then dS_Q).
-template <typename T>
+template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) query_backward_kernel(SideParams p, int splits) {
   extern __shared__ __align__(16) float sm[];
   const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) query_backward_kernel(SideParams p, 
     const bool first = t == t0;
     const int n0 = t * p.tn, nv = min(p.tn, p.N - n0), cnt = nv * L;
     const float* lse = p.lse + int64_t(b) * H * p.N + n0;
-    query_scores<T>(P, Xs, p, b, n0, nv);
+    query_scores<T, kTC>(P, Xs, p, b, n0, nv);
     // Recompute Â_Q from the logits and the saved lse_q.
     if (!p.pre) {
       for (int e = threadIdx.x; e < H * cnt; e += blockDim.x) {
@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kThreads) query_backward_kernel(SideParams p, 
       __syncthreads();
       stage_tokens(Xs, dout + g * p.y.sh + n0 * p.y.sn, p.y.sn, nv, d);
       __syncthreads();
-      tile_dots(G + g * mapsz, Xs, p.lval + bg * L * d, nv, L, d, 1.f);
-      tile_landmark_acc(p.part + (part_base + g) * L * d, Aeff + g * mapsz, Xs, nv, L, d, 1.f, first);
+      tile_dots<kTC>(G + g * mapsz, Xs, p.lval + bg * L * d, nv, L, d, 1.f);
+      tile_landmark_acc<kTC>(p.part + (part_base + g) * L * d, Aeff + g * mapsz, Xs, nv, L, d, 1.f, first);
     }
     __syncthreads();
     // Softmax and mixing adjoints (reference _side_backward), G becomes dS_Q.
@@ -157,11 +157,11 @@ __global__ void __launch_bounds__(kThreads) query_backward_kernel(SideParams p, 
     // dq[h] = scale·dS[h]·k_land[h]; partial dk_land[h] += scale·dS[h]ᵀ·q[h].
     for (int h = 0; h < H; ++h) {
       const int64_t bh = int64_t(b) * H + h;
-      tile_tokens_out(dq + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
+      tile_tokens_out<kTC>(dq + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
       __syncthreads();
       stage_tokens(Xs, q + h * p.x.sh + n0 * p.x.sn, p.x.sn, nv, d);
       __syncthreads();
-      tile_landmark_acc(p.part2 + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
+      tile_landmark_acc<kTC>(p.part2 + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
     }
   }
   if (has_w) {
@@ -186,7 +186,8 @@ SideParams base_params(const at::Tensor& q, const at::Tensor& k_land_f, const at
 }  // namespace
 
 void query_side_forward(const at::Tensor& q, const at::Tensor& k_land_f, const at::Tensor& z,
-                        const at::Tensor& w_q_f, bool pre, double scale, at::Tensor& out, at::Tensor& lse_q) {
+                        const at::Tensor& w_q_f, bool pre, double scale, at::Tensor& out, at::Tensor& lse_q,
+                        bool tensor_cores) {
   SideParams p = base_params(q, k_land_f, z, w_q_f, pre, scale);
   p.out = out.data_ptr();
   p.lse_out = lse_q.data_ptr<float>();
@@ -195,15 +196,19 @@ void query_side_forward(const at::Tensor& q, const at::Tensor& k_land_f, const a
   dim3 grid(ceil_div(p.N, p.tn), p.B);
   dispatch_float_types(q.scalar_type(), "imhsa (q)", [&](auto tag) {
     using T = decltype(tag);
-    set_smem(query_forward_kernel<T>, smem);
-    query_forward_kernel<T><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tensor_cores<T>(tensor_cores, p.d, [&](auto tcv) {
+      constexpr bool kTC = decltype(tcv)::value;
+      set_smem(query_forward_kernel<T, kTC>, smem);
+      query_forward_kernel<T, kTC><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
 void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_land_f,
                          const at::Tensor& z, const at::Tensor& w_q_f, const at::Tensor& lse_q, bool pre,
-                         double scale, at::Tensor& dq, at::Tensor& dz, at::Tensor& dk_land, at::Tensor& dw_q) {
+                         double scale, at::Tensor& dq, at::Tensor& dz, at::Tensor& dk_land, at::Tensor& dw_q,
+                         bool tensor_cores) {
   SideParams p = base_params(q, k_land_f, z, w_q_f, pre, scale);
   p.y = token_view(grad_out);
   p.lse = lse_q.data_ptr<float>();
@@ -223,9 +228,12 @@ void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
   dim3 grid(s.splits, p.B);
   dispatch_float_types(q.scalar_type(), "imhsa_backward (q)", [&](auto tag) {
     using T = decltype(tag);
-    set_smem(query_backward_kernel<T>, smem);
-    query_backward_kernel<T><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, s.splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
+      constexpr bool kTC = decltype(tcv)::value;
+      set_smem(query_backward_kernel<T, kTC>, smem);
+      query_backward_kernel<T, kTC><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, s.splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   at::Tensor dz2 = dz.view({p.B, int64_t(H) * L * d});
   reduce_splits(part_dz, 1.0, dz2);
