@@ -71,6 +71,10 @@ class InteractiveMultiheadAttention(nn.Module):
                              "not form a square: pass grid=(H, W)")
         return side, side
 
+    def _landmark_size(self, n_tokens: int, grid):
+        """The landmark grid for this input (a hook: subclasses may adapt it to the token grid)."""
+        return self.landmarks
+
     def forward(self, x: Tensor, grid: tuple[int, int] | None = None, attn_mask: None = None,
                 is_causal: bool = False) -> Tensor:
         _checks.out_of_scope(attn_mask, 0.0, is_causal)
@@ -78,8 +82,9 @@ class InteractiveMultiheadAttention(nn.Module):
             raise ValueError(f"x must be (B, N, dim), got shape {tuple(x.shape)}")
         B, N, C = x.shape
         grid = self._grid(N, grid)
+        size = self._landmark_size(N, grid)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q_land = landmarks(q, grid, self.landmarks, self.num_prefix_tokens)
-        k_land = landmarks(k, grid, self.landmarks, self.num_prefix_tokens)
+        q_land = landmarks(q, grid, size, self.num_prefix_tokens)
+        k_land = landmarks(k, grid, size, self.num_prefix_tokens)
         out = imhsa(q, k, v, q_land, k_land, self.w_q, self.w_k, mix=self.mix, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

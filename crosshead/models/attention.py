@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import InteractiveMultiheadAttention
-from ..ops import imhsa, landmarks
 
 _IMHSA = {"imhsa_post": dict(mix="post", interaction=True),
           "imhsa_pre": dict(mix="pre", interaction=True),
@@ -39,21 +38,10 @@ class GridInteractiveAttention(InteractiveMultiheadAttention):
     resolution grows. Needed because iViT's stage 4 is 7×7 at 224² but smaller on small inputs.
     """
 
-    def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, N, dim), got shape {tuple(x.shape)}")
-        B, N, C = x.shape
-        grid = self._grid(N, grid)
-        size = self.landmarks
+    def _landmark_size(self, n_tokens: int, grid):
         if grid is not None:
-            size = (min(size[0], grid[0]), min(size[1], grid[1]))
-        else:
-            size = min(size, N - self.num_prefix_tokens)
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q_land = landmarks(q, grid, size, self.num_prefix_tokens)
-        k_land = landmarks(k, grid, size, self.num_prefix_tokens)
-        out = imhsa(q, k, v, q_land, k_land, self.w_q, self.w_k, mix=self.mix, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+            return min(self.landmarks[0], grid[0]), min(self.landmarks[1], grid[1])
+        return min(self.landmarks, n_tokens - self.num_prefix_tokens)
 
 
 class SoftmaxAttention(nn.Module):
