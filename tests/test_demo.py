@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_demo_runs_on_this_machine():
-    proc = subprocess.run([sys.executable, "-m", "crosshead.demo", "--grid", "14"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "crosshead.demo", "--grid", "14", "--device", "cpu"], capture_output=True,
                           text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
