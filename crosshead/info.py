@@ -30,7 +30,8 @@ def backends() -> list[tuple[str, str, str]]:
     for dtype in DTYPES:
         name = str(dtype).removeprefix("torch.")
         if no_cuda:
-            rows.append(("cuda", name, f"unavailable: {no_cuda}"))
+            built = "; the fused CUDA kernels are built" if _library.has_fused_cuda() else ""
+            rows.append(("cuda", name, f"unavailable: {no_cuda}{built}"))
         elif not _library.has_fused_cuda():
             rows.append(("cuda", name, "pure-torch (crosshead.reference); fused kernels not built "
                                        f"(library: {_library.mode})"))

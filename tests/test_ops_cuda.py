@@ -134,6 +134,19 @@ def test_large_n_and_custom_scale(mix):
     run_and_check(args, mix, 0.2, torch.bfloat16)
 
 
+# Shapes where a split CTA loops over several tiles (pick_splits aims at ~2 CTAs per SM, so the
+# shapes above mostly get one tile per split): exercises the cross-tile accumulation (the `first`
+# flag, the running (max, Σexp) merge, dw accumulation) and the shared-memory reuse across tiles.
+# (B, h, N, d, L): B=16 leaves ~17 splits for >= 24 tiles; h=16, L=256 gives tiles of 1-2 tokens.
+@pytest.mark.parametrize("shape", [(16, 4, 1501, 64, 49), (16, 3, 997, 40, 7), (2, 16, 301, 32, 256)],
+                         ids=lambda s: "B{}h{}N{}d{}L{}".format(*s))
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_several_tiles_per_split(shape, mix, dtype):
+    args = inputs(*shape, dtype=dtype)
+    run_and_check(args, mix, shape[3] ** -0.5, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(dtype):
     B, h, N, d, L = 2, 6, 145, 64, 9

@@ -29,7 +29,9 @@ __global__ void reduce_logsumexp_kernel(const float* __restrict__ pm, const floa
     for (int j = 0; j < S; ++j) m = fmaxf(m, pm[base + j * I]);
     float s = 0.f;
     for (int j = 0; j < S; ++j) s += ps[base + j * I] * __expf(pm[base + j * I] - m);
-    lse[idx] = m + __logf(s);
+    // every split sees >= 1 token, so m is finite for finite inputs; an all -inf row gives -inf
+    // (torch.logsumexp), not -inf - -inf = NaN
+    lse[idx] = m == -INFINITY ? -INFINITY : m + __logf(s);
   }
 }
 
