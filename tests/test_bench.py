@@ -73,3 +73,24 @@ def test_comparison_and_costs():
 def test_timing_summary():
     s = timing.summary([3.0, 1.0, 2.0, 4.0, 5.0])
     assert s["median_s"] == 3.0 and s["p20_s"] == pytest.approx(1.8) and s["p80_s"] == pytest.approx(4.2)
+
+
+def test_every_baseline_runs_by_name(tmp_path):
+    """issue: the benchmark suite can run every crosshead.baselines entry by name."""
+    from crosshead import baselines
+
+    usable = [n for n, why in baselines.available().items() if why is None]
+    cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--grids", "14", "--threads", "1",
+           "--with-baselines", "--contenders", "imhsa-torch", "--passes", "fwd", "--min-reps", "1",
+           "--max-reps", "1", "--budget", "0", "--no-plots", "--no-progress", "--out", str(tmp_path),
+           "--tag", "baselines"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = json.loads((tmp_path / "baselines.json").read_text())["records"]
+    status = {r["contender"]: r for r in records}
+    for name in baselines.names():
+        r = status[f"baselines/{name}"]
+        if name in usable:
+            assert r["status"] == "ok" and r["median_s"] > 0, r
+        else:
+            assert r["status"] == "unavailable" and r["reason"], r
