@@ -583,4 +583,30 @@ struct SideParams {
   int tn, per_split, tiles;
 };
 
+// The end of both sides' backward for one tile, G holding the logit gradients dS (H maps): per head
+// the token gradient dX[h] = scale·dS[h]·land[h] (written in T to dx, contiguous) and this split's
+// landmark partial part[h] (+)= scale·dS[h]ᵀ·X[h], X = the tile's score tokens x (q or k) restaged
+// into Xs.
+template <bool kTC, typename T>
+__device__ void logit_grads_out(const SideParams& p, T* __restrict__ dx, const T* __restrict__ x,
+                                float* __restrict__ part, const float* G, float* Xs, int b, int n0, int nv,
+                                int64_t part_base, bool first) {
+  const int H = p.H, L = p.L, d = p.d, mapsz = p.tn * L;
+  __syncthreads();
+  for (int h = 0; h < H; ++h) {
+    const int64_t bh = int64_t(b) * H + h;
+    tile_tokens_out<kTC>(dx + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
+    __syncthreads();
+    stage_tokens(Xs, x + h * p.x.sh + n0 * p.x.sn, p.x.sn, nv, d);
+    __syncthreads();
+    tile_landmark_acc<kTC>(part + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
+  }
+}
+
+// This CTA's dw partial (H×H) into p.part_w; every thread of the block calls it.
+__device__ inline void store_weight_partial(const SideParams& p, const float* wacc, int64_t part_base) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.H * p.H; e += blockDim.x) p.part_w[part_base * p.H + e] = wacc[e];
+}
+
 }  // namespace crosshead

@@ -225,20 +225,9 @@ __global__ void __launch_bounds__(kThreads) key_backward_kernel(SideParams p, in
         mix_heads<true>(G, mapsz, cnt, ws, H);  // dS = mixᵀ(dM)
       }
     }
-    __syncthreads();
-    for (int h = 0; h < H; ++h) {
-      const int64_t bh = int64_t(b) * H + h;
-      tile_tokens_out<kTC>(dk + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
-      __syncthreads();
-      stage_tokens(Xs, k + h * p.x.sh + n0 * p.x.sn, p.x.sn, nv, d);
-      __syncthreads();
-      tile_landmark_acc<kTC>(p.part + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
-    }
+    logit_grads_out<kTC>(p, dk, k, p.part, G, Xs, b, n0, nv, part_base, first);
   }
-  if (has_w) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < H * H; e += blockDim.x) p.part_w[part_base * H + e] = wacc[e];
-  }
+  if (has_w) store_weight_partial(p, wacc, part_base);
 }
 
 SideParams base_params(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_land_f,

@@ -153,21 +153,10 @@ __global__ void __launch_bounds__(kThreads) query_backward_kernel(SideParams p, 
         mix_heads<true>(G, mapsz, cnt, ws, H);  // dS = mixᵀ(dM)
       }
     }
-    __syncthreads();
     // dq[h] = scale·dS[h]·k_land[h]; partial dk_land[h] += scale·dS[h]ᵀ·q[h].
-    for (int h = 0; h < H; ++h) {
-      const int64_t bh = int64_t(b) * H + h;
-      tile_tokens_out<kTC>(dq + (bh * p.N + n0) * d, d, G + h * mapsz, p.land + bh * L * d, nv, L, d, p.scale);
-      __syncthreads();
-      stage_tokens(Xs, q + h * p.x.sh + n0 * p.x.sn, p.x.sn, nv, d);
-      __syncthreads();
-      tile_landmark_acc<kTC>(p.part2 + (part_base + h) * L * d, G + h * mapsz, Xs, nv, L, d, p.scale, first);
-    }
+    logit_grads_out<kTC>(p, dq, q, p.part2, G, Xs, b, n0, nv, part_base, first);
   }
-  if (has_w) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < H * H; e += blockDim.x) p.part_w[part_base * H + e] = wacc[e];
-  }
+  if (has_w) store_weight_partial(p, wacc, part_base);
 }
 
 SideParams base_params(const at::Tensor& q, const at::Tensor& k_land_f, const at::Tensor& z,
