@@ -3,6 +3,7 @@
 from . import _library
 
 _library.load()
+_library.load_emulator()
 _library.register_reference_kernels()
 
 from . import _autograd, _fake  # noqa: E402,F401  (registrations; need the ops defined first)

@@ -1,9 +1,10 @@
 """Makes torch.ops.crosshead.* exist, one way or another, and records which way.
 
 Order: already registered in this process → JIT build of csrc/ (opt-in, CROSSHEAD_JIT=1) → the
-installed compiled library crosshead._C → schemas declared from Python. In every case the
-pure-torch reference is then registered as the CPU kernel, and as the CUDA kernel when no compiled
-CUDA kernel exists.
+installed compiled library crosshead._C → schemas declared from Python. With
+CROSSHEAD_CUDA_EMULATOR=1 the CUDA kernel sources, built for the CPU on the SIMT emulator
+(crosshead._emulator), then serve the CPU key. Finally the pure-torch reference is registered as the
+CPU kernel where none is, and as the CUDA kernel when no compiled CUDA kernel exists.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ mode = "unloaded"  # "compiled", "jit", "python" or "preloaded"
 detail = ""  # why this mode (for python -m crosshead.info)
 _libraries: list[torch.library.Library] = []  # keep Python registrations alive
 python_kernels: set[tuple[str, str]] = set()  # (op, dispatch key) served by crosshead.reference
+emulated = False  # the CPU key is served by the CUDA kernel sources on the SIMT emulator
 
 
 def is_defined(op: str = "imhsa") -> bool:
@@ -103,6 +105,17 @@ def load() -> None:
     mode = "python"
     detail = (f"compiled library not available ({reason}); ops declared from Python and served by "
               "the pure-torch path")
+
+
+def load_emulator() -> None:
+    """CROSSHEAD_CUDA_EMULATOR=1: the emulated CUDA kernels serve the CPU key of every op."""
+    global emulated
+    from . import _emulator
+
+    if not _emulator.requested() or emulated:
+        return
+    _emulator.load()
+    emulated = True
 
 
 def register_reference_kernels() -> None:

@@ -9,7 +9,7 @@ import torch
 
 import crosshead
 
-from . import _library
+from . import _emulator, _library
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,9 +23,22 @@ def _cuda_unavailable_reason() -> str | None:
     return None
 
 
+def _cpu_backend(dtype) -> str:
+    if not _library.emulated:
+        return "pure-torch (crosshead.reference)"
+    if dtype not in FUSED_DTYPES:
+        return ("unavailable: under CROSSHEAD_CUDA_EMULATOR=1 the CPU runs the CUDA kernels, which take float16, "
+                "bfloat16 and float32 (unset it for the pure-torch path)")
+    path = ""
+    if dtype != torch.float32:
+        path = ("; tensor-core (mma.sync) path at d in {32, 64, 128}" if _emulator.tensor_cores()
+                else "; CUDA-core path (CROSSHEAD_CUDA_TENSOR_CORES=0)")
+    return f"CUDA kernel sources on the SIMT emulator (CROSSHEAD_CUDA_EMULATOR=1){path}"
+
+
 def backends() -> list[tuple[str, str, str]]:
     """(device, dtype, backend or 'unavailable: why') for every device and dtype."""
-    rows = [("cpu", str(dtype).removeprefix("torch."), "pure-torch (crosshead.reference)") for dtype in DTYPES]
+    rows = [("cpu", str(dtype).removeprefix("torch."), _cpu_backend(dtype)) for dtype in DTYPES]
     no_cuda = _cuda_unavailable_reason()
     for dtype in DTYPES:
         name = str(dtype).removeprefix("torch.")
@@ -54,6 +67,8 @@ def report() -> str:
             cap = torch.cuda.get_device_capability(i)
             lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
     lines.append(f"operator library: {_library.mode} ({_library.detail})")
+    if _library.emulated:
+        lines.append(f"CUDA emulator: {_emulator.library} (serves the CPU key; csrc/cuda/README.md)")
     ops = ", ".join(f"{op} [{'+'.join(k for k in ('CPU', 'CUDA') if _library.has_kernel(op, k))}]"
                     for op in _library.SCHEMAS)
     lines.append(f"ops: {ops}")

@@ -1,9 +1,11 @@
 """The fused CUDA kernels (csrc/cuda/) against the float64 pure-torch reference.
 
-Skipped, with the reason reported, when there is no CUDA device. With a device but without the
-compiled CUDA kernels (pure-torch registration only), every test FAILS: a broken build must never
-pass as green. Outputs come from the CUDA caching allocator after it has been filled with NaN, so
-an element a kernel forgets to write shows up as NaN.
+Runs on a GPU when there is one, else on the CPU harness (CROSSHEAD_CUDA_EMULATOR=1: the same
+kernel sources on the SIMT emulator, at smaller shapes; tools/test.sh runs this file so), else is
+skipped with the reason. Where the kernels should run but are not registered (a pure-torch
+registration only), every test FAILS: a broken build must never pass as green. Outputs start as NaN
+(the CUDA caching allocator is filled with NaN first; the emulator's allocator fills every
+allocation), so an element a kernel forgets to write shows up as NaN.
 """
 
 import math
@@ -13,9 +15,9 @@ import torch
 
 import crosshead
 from crosshead import _library, reference
+from kernel_device import DEVICE, GPU, KEY, WHERE, fused_kernel_registered, gpu_only, sized, skip_without_kernels
 
-GPU = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not GPU, reason="no CUDA device: the fused CUDA kernels cannot run here")
+pytestmark = skip_without_kernels
 
 OPS = ("imhsa", "imhsa_backward", "landmarks", "landmarks_backward")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,38 +26,38 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 # (B, h, N, d, L): odd N everywhere, every fast-path d and odd ones, h in {1, 8, 16}, L in {1, 49, 256}.
-SHAPES = [
+SHAPES = sized([
     (2, 8, 197, 64, 49),
     (1, 1, 33, 32, 1),
     (3, 16, 129, 128, 16),
     (2, 4, 77, 40, 7),
     (1, 2, 51, 256, 5),
     (2, 3, 301, 64, 256),
-]
-
-
-def fused_cuda_kernel(op):
-    """True when op's CUDA kernel is a compiled one (registered from a .cu file), not the
-    pure-torch reference registered from crosshead/_library.py."""
-    if not _library.has_kernel(op, "CUDA"):
-        return False
-    dump = torch._C._dispatch_dump(f"crosshead::{op}")
-    line = next((ln for ln in dump.splitlines() if ln.startswith("CUDA:")), "")
-    return ".cu:" in line
+], [  # the emulator: the same coverage of h, d and L at fewer tokens
+    (2, 3, 37, 64, 9),
+    (1, 1, 33, 32, 1),
+    (1, 16, 9, 128, 4),
+    (2, 4, 21, 40, 7),
+    (1, 2, 11, 256, 5),
+    (1, 2, 13, 8, 256),
+])
 
 
 @pytest.fixture(autouse=True)
 def _require_fused_kernels():
-    missing = [op for op in OPS if not fused_cuda_kernel(op)]
-    if missing or _library.mode not in ("compiled", "jit", "preloaded"):
-        pytest.fail(f"a CUDA device is present but the fused CUDA kernels are not registered for {missing} "
+    missing = [op for op in OPS if not fused_kernel_registered(op)]
+    if missing or (GPU and _library.mode not in ("compiled", "jit", "preloaded")):
+        pytest.fail(f"the fused kernels should run on the {WHERE} but are not registered for {missing} "
                     f"(library mode {_library.mode!r}: {_library.detail}); build the extension "
                     "(pip install --no-build-isolation -e . or CROSSHEAD_JIT=1)")
 
 
 def poison_cache():
     """Fill blocks of the caching allocator with NaN and hand them back, so tensors the kernels
-    allocate with at::empty start out as NaN rather than as stale finite values or zeros."""
+    allocate with at::empty start out as NaN rather than as stale finite values or zeros. (The
+    emulator's CPU allocator fills every new allocation with NaN itself.)"""
+    if not GPU:
+        return
     keep = []
     for numel in [2**k for k in range(6, 19)] * 4 + [2**22] * 4 + [2**25] * 2:
         keep.append(torch.full((numel,), float("nan"), device="cuda"))
@@ -63,7 +65,7 @@ def poison_cache():
 
 
 def rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, device="cuda", dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(*shape, device=DEVICE, dtype=torch.float64) * scale).to(dtype)
 
 
 def inputs(B, h, N, d, L, dtype, interaction=True, w_dtype=None):
@@ -71,8 +73,8 @@ def inputs(B, h, N, d, L, dtype, interaction=True, w_dtype=None):
     q_land, k_land = (rand(B, h, L, d, dtype=dtype) for _ in range(2))
     w = [None, None]
     if interaction:
-        w = [(torch.eye(h, device="cuda", dtype=torch.float64)
-              + 0.3 * torch.randn(h, h, device="cuda", dtype=torch.float64)).to(w_dtype or dtype) for _ in range(2)]
+        w = [(torch.eye(h, device=DEVICE, dtype=torch.float64)
+              + 0.3 * torch.randn(h, h, device=DEVICE, dtype=torch.float64)).to(w_dtype or dtype) for _ in range(2)]
     return [q, k, v, q_land, k_land, *w]
 
 
@@ -124,13 +126,13 @@ def test_matches_float64_reference(shape, interaction, mix, dtype):
 @pytest.mark.parametrize("mix", ["post", "pre"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_interaction_with_half_inputs(mix, dtype):
-    args = inputs(2, 8, 99, 64, 12, dtype=dtype, w_dtype=torch.float32)
+    args = inputs(*sized((2, 8, 99, 64, 12), (1, 4, 19, 64, 6)), dtype=dtype, w_dtype=torch.float32)
     run_and_check(args, mix, 0.3, dtype)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
 def test_large_n_and_custom_scale(mix):
-    args = inputs(2, 8, 3137, 64, 49, dtype=torch.bfloat16)
+    args = inputs(*sized((2, 8, 3137, 64, 49), (1, 2, 301, 32, 49)), dtype=torch.bfloat16)
     run_and_check(args, mix, 0.2, torch.bfloat16)
 
 
@@ -138,24 +140,27 @@ def test_large_n_and_custom_scale(mix):
 # shapes above mostly get one tile per split): exercises the cross-tile accumulation (the `first`
 # flag, the running (max, Σexp) merge, dw accumulation) and the shared-memory reuse across tiles.
 # (B, h, N, d, L): B=16 leaves ~17 splits for >= 24 tiles; h=16, L=256 gives tiles of 1-2 tokens.
-@pytest.mark.parametrize("shape", [(16, 4, 1501, 64, 49), (16, 3, 997, 40, 7), (2, 16, 301, 32, 256)],
+# The emulated device gets 2 SMs here, so small inputs already loop over several tiles per split.
+@pytest.mark.parametrize("shape", sized([(16, 4, 1501, 64, 49), (16, 3, 997, 40, 7), (2, 16, 301, 32, 256)],
+                                        [(2, 4, 201, 32, 9), (2, 3, 157, 40, 7), (1, 16, 11, 32, 256)]),
                          ids=lambda s: "B{}h{}N{}d{}L{}".format(*s))
 @pytest.mark.parametrize("mix", ["post", "pre"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_several_tiles_per_split(shape, mix, dtype):
+def test_several_tiles_per_split(shape, mix, dtype, monkeypatch):
+    monkeypatch.setenv("CROSSHEAD_CUDA_EMULATOR_SMS", "2")
     args = inputs(*shape, dtype=dtype)
     run_and_check(args, mix, shape[3] ** -0.5, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(dtype):
-    B, h, N, d, L = 2, 6, 145, 64, 9
+    B, h, N, d, L = sized((2, 6, 145, 64, 9), (1, 3, 17, 64, 5))
     qkv = rand(B, N, 3, h, d, dtype=dtype).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d), token-strided
     q, k, v = qkv.unbind(0)
     q_land = rand(B, L, h, d, dtype=dtype).transpose(1, 2)
     k_land = rand(B, h, d, L, dtype=dtype).transpose(2, 3)  # d not unit-stride: copied internally
-    w_q = (torch.eye(h, device="cuda") + 0.2 * torch.randn(h, h, device="cuda")).to(dtype).t()
-    w_k = torch.randn(h, h, device="cuda").to(dtype)[:, :]
+    w_q = (torch.eye(h, device=DEVICE) + 0.2 * torch.randn(h, h, device=DEVICE)).to(dtype).t()
+    w_k = torch.randn(h, h, device=DEVICE).to(dtype)[:, :]
     assert not q.is_contiguous() and not k_land.is_contiguous()
     for mix in ("post", "pre"):
         run_and_check([q, k, v, q_land, k_land, w_q, w_k], mix, d ** -0.5, dtype)
@@ -191,7 +196,7 @@ def test_autograd_through_public_api(mix):
     B, h, H, W, d = 2, 4, 9, 7, 32
     x = rand(B, h, 1 + H * W, d, dtype=torch.float32)
     q, k, v = (x + 0.1 * rand(*x.shape, dtype=torch.float32) for _ in range(3))
-    w_q, w_k = (torch.eye(h, device="cuda") + 0.1 * torch.randn(h, h, device="cuda") for _ in range(2))
+    w_q, w_k = (torch.eye(h, device=DEVICE) + 0.1 * torch.randn(h, h, device=DEVICE) for _ in range(2))
     leaves = [t.requires_grad_() for t in (q, k, v, w_q, w_k)]
 
     def f(q, k, v, w_q, w_k, lib):
@@ -222,7 +227,7 @@ def test_autograd_through_public_api(mix):
 
 def test_backward_is_bitwise_deterministic():
     for mix in ("post", "pre"):
-        args = inputs(3, 8, 1001, 64, 49, dtype=torch.bfloat16)
+        args = inputs(*sized((3, 8, 1001, 64, 49), (2, 4, 67, 64, 9)), dtype=torch.bfloat16)
         out = torch.ops.crosshead.imhsa(*args, mix, 0.125)
         out2 = torch.ops.crosshead.imhsa(*args, mix, 0.125)
         assert all(torch.equal(a, b) for a, b in zip(out, out2)), "forward differs between runs"
@@ -259,6 +264,7 @@ def test_opcheck_landmarks_cuda(grid, size, prefix):
 @pytest.mark.parametrize("mix", ["post", "pre"])
 def test_torch_compile_fullgraph(mix):
     B, h, H, W, d = 2, 4, 8, 8, 32
+    backend = "inductor" if GPU else "aot_eager"  # the emulator: the graph, not a CPU codegen, is the point
 
     def f(q, k, v, w_q, w_k):
         ql = crosshead.landmarks(q, grid=(H, W), size=(4, 4))
@@ -267,14 +273,14 @@ def test_torch_compile_fullgraph(mix):
 
     def leaves():
         torch.manual_seed(0)
-        ts = [torch.randn(B, h, H * W, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-        ts += [torch.eye(h, device="cuda") + 0.1 * torch.randn(h, h, device="cuda") for _ in range(2)]
+        ts = [torch.randn(B, h, H * W, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+        ts += [torch.eye(h, device=DEVICE) + 0.1 * torch.randn(h, h, device=DEVICE) for _ in range(2)]
         return [t.requires_grad_() for t in ts]
 
     eager_in, comp_in = leaves(), leaves()
     f(*eager_in).backward()
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     compiled(*comp_in).backward()
     for a, b in zip(eager_in, comp_in):
         torch.testing.assert_close(b.grad, a.grad, rtol=2e-2, atol=2e-2)
@@ -296,7 +302,7 @@ def test_rejects_unsupported_configurations_with_a_clear_message():
     with pytest.raises(RuntimeError, match="mix"):
         torch.ops.crosshead.imhsa(*ok, "sideways", 0.25)
     bad_w = list(ok)
-    bad_w[5] = torch.eye(3, device="cuda")
+    bad_w[5] = torch.eye(3, device=DEVICE)
     with pytest.raises(RuntimeError, match="w_q"):
         torch.ops.crosshead.imhsa(*bad_w, "post", 0.25)
 
@@ -309,6 +315,7 @@ def test_empty_batch():
     assert grads[5].shape == (4, 4) and grads[5].eq(0).all()
 
 
+@gpu_only
 def test_runs_on_the_current_stream():
     args = inputs(2, 8, 211, 64, 49, dtype=torch.bfloat16)
     want = torch.ops.crosshead.imhsa(*args, "post", 0.125)[0]
@@ -335,19 +342,19 @@ def tc_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])
-@pytest.mark.parametrize("N", [197, 37], ids=lambda n: f"N{n}")  # N=37: a single partial tile
+@pytest.mark.parametrize("N", sized([197, 37], [45, 13]), ids=lambda n: f"N{n}")  # the second: a single partial tile
 @pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
 @pytest.mark.parametrize("mix", ["post", "pre"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_switch_matches_float64_reference(tc_path, dtype, mix, interaction, N, d):
-    args = inputs(2, 4, N, d, 49, dtype=dtype, interaction=interaction)  # L = 49: partial 16-blocks
+    args = inputs(sized(2, 1), 4, N, d, 49, dtype=dtype, interaction=interaction)  # L = 49: partial 16-blocks
     run_and_check(args, mix, d ** -0.5, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_path_is_bitwise_deterministic(tc_path, dtype):
     for mix in ("post", "pre"):
-        args = inputs(2, 8, 1001, 64, 49, dtype=dtype)
+        args = inputs(*sized((2, 8, 1001, 64, 49), (1, 4, 67, 64, 9)), dtype=dtype)
         out = torch.ops.crosshead.imhsa(*args, mix, 0.125)
         poison_cache()
         out2 = torch.ops.crosshead.imhsa(*args, mix, 0.125)
@@ -371,14 +378,31 @@ def test_tensor_core_switch_selects_the_path(monkeypatch, dtype):
         g = torch.ones_like(args[0])
         return out, torch.ops.crosshead.imhsa_backward(g, *args, *out[1:], "post", 0.2)
 
-    fast = inputs(2, 4, 133, 64, 49, dtype=dtype)
+    fast = inputs(*sized((2, 4, 133, 64, 49), (1, 4, 33, 64, 9)), dtype=dtype)
     (out_tc, grads_tc), (out_cc, grads_cc) = run("1", fast), run("0", fast)
     assert not torch.equal(out_tc[1], out_cc[1]), "CROSSHEAD_CUDA_TENSOR_CORES=0 did not change the path"
     for name, a, b in zip(("out", "z"), out_tc, out_cc):
         check(name, a, b.to(torch.float64), dtype)  # the paths agree to the dtype's tolerance
     for i, (a, b) in enumerate(zip(grads_tc, grads_cc)):
         check(f"grad {i}", a, b.to(torch.float64), dtype)
-    for other in (inputs(2, 4, 133, 40, 49, dtype=dtype), inputs(2, 4, 133, 64, 49, dtype=torch.float32)):
+    small, L = sized((2, 4, 133), (1, 4, 33)), sized(49, 9)
+    for other in (inputs(*small, 40, L, dtype=dtype), inputs(*small, 64, L, dtype=torch.float32)):
         (o1, g1), (o0, g0) = run("1", other), run("0", other)
         assert all(torch.equal(a, b) for a, b in zip((*o1, *g1), (*o0, *g0))), \
             "the generic path must not depend on CROSSHEAD_CUDA_TENSOR_CORES"
+
+
+def test_key_logits_of_minus_inf_over_a_whole_tile():
+    """Audit (cuda_audit.md §2.10 #1): a tile in which a key-side softmax row is all -inf used to give
+    st = Σ exp(-inf - -inf) = NaN, so lse_k and z became NaN while the reference stays finite.
+    h = L = 1, d = 32 gives tiles of 64 tokens: N = 65 is two tiles in two splits, the first all -inf."""
+    q, k, v = (rand(1, 1, 65, 32, dtype=torch.float32) for _ in range(3))
+    k[..., :64, :] = float("-inf")
+    q_land = torch.ones(1, 1, 1, 32, device=DEVICE)
+    k_land = rand(1, 1, 1, 32, dtype=torch.float32)
+    args = [q, k, v, q_land, k_land, None, None]
+    ref = reference.imhsa(*as64(args), "post", 32 ** -0.5)
+    assert all(torch.isfinite(r).all() for r in ref)
+    out = torch.ops.crosshead.imhsa(*args, "post", 32 ** -0.5)
+    for name, got, want in zip(("out", "z", "lse_k", "lse_q"), out, ref):
+        check(name, got, want, torch.float32)

@@ -89,3 +89,16 @@ def test_jit_load_from_sources(tmp_path):
     proc = _run(code, CROSSHEAD_JIT="1", CROSSHEAD_JIT_CUDA="0", CROSSHEAD_JIT_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.Size([1, 2, 9, 4])" in proc.stdout
+
+
+def test_without_the_emulator_variable_the_cpu_runs_the_pure_torch_path():
+    """CROSSHEAD_CUDA_EMULATOR unset (or 0): nothing of the CPU harness is loaded."""
+    code = ("import torch, crosshead, crosshead._library as l\n"
+            "assert not l.emulated\n"
+            "line = [s for s in torch._C._dispatch_dump('crosshead::imhsa').splitlines() if s.startswith('CPU:')][0]\n"
+            "assert '_library.py' in line, line\n"
+            "from crosshead.info import report; print(report())\n")
+    for value in ("", "0"):
+        proc = _run(code, CROSSHEAD_CUDA_EMULATOR=value)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "SIMT emulator" not in proc.stdout and "pure-torch (crosshead.reference)" in proc.stdout

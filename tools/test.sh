@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test suite on this machine, in a fresh or refreshed virtual environment.
 # Usage: bash tools/test.sh [cpu|cuda] [pytest arguments...]
+# The cpu flavor then runs the CPU harness: the CUDA kernel sources on the SIMT emulator
+# (CROSSHEAD_CUDA_EMULATOR=1, csrc/emu): its own tests, the fused-kernel tests and the deliberately
+# broken kernels that must fail them. CROSSHEAD_SKIP_EMULATOR=1 leaves that part out.
 set -euo pipefail
 flavor=${1:-cpu}
 shift || true
@@ -13,4 +16,10 @@ if [ "$flavor" = cuda ] && command -v nvcc >/dev/null && compgen -G "$root/csrc/
 fi
 cd "$root"
 "$py" -m crosshead.info
-exec "$py" -m pytest tests -q -rs "$@"
+"$py" -m pytest tests -q -rs "$@"
+if [ "$flavor" = cpu ] && [ "${CROSSHEAD_SKIP_EMULATOR:-0}" != 1 ]; then
+  echo "=== CPU harness: the CUDA kernels on the SIMT emulator (CROSSHEAD_CUDA_EMULATOR=1) ==="
+  export CROSSHEAD_CUDA_EMULATOR=1
+  "$py" -m crosshead.info
+  "$py" -m pytest tests/test_emulator.py tests/test_ops_cuda.py tests/test_emulator_mutations.py -q -rs "$@"
+fi

@@ -22,6 +22,9 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/launch.cuh"
+#include "cuda/ptx.cuh"
+
 namespace crosshead {
 
 constexpr int kThreads = 256;  // threads per CTA of every tile kernel
@@ -173,26 +176,11 @@ __device__ void stage_tokens(float* Xs, const T* __restrict__ x, int64_t sn, int
 // and a fixed instruction sequence, so results stay bitwise reproducible.
 namespace tc {
 
-__device__ __forceinline__ uint32_t tf32(float x) {
-  uint32_t r;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-#else
-  r = __float_as_uint(x);
-#endif
-  return r;
-}
+__device__ __forceinline__ uint32_t tf32(float x) { return ptx::cvt_rna_tf32(x); }
 
 // c += a·b on one m16n8k8 TF32 block.
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // never launched: the host selects this path only on sm_80+
-#endif
+  ptx::mma_m16n8k8_tf32(c, a, b, c);
 }
 
 // Two consecutive elements of a T row (col even, 2·sizeof(T)-aligned) in one store.
@@ -551,9 +539,9 @@ __device__ inline void tile_weight_grad(float* acc, const float* X, const float*
   }
 }
 
-// Loads w (H×H float32, or identity when null) into shared memory.
+// Loads w (H×H float32, or the identity when null: no interaction) into shared memory.
 __device__ inline void load_weights(float* ws, const float* __restrict__ w, int H) {
-  for (int e = threadIdx.x; e < H * H; e += blockDim.x) ws[e] = w ? w[e] : 0.f;
+  for (int e = threadIdx.x; e < H * H; e += blockDim.x) ws[e] = w ? w[e] : (e / H == e % H ? 1.f : 0.f);
 }
 
 // ----------------------------------------------------------------------- kernel parameters

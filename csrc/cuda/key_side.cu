@@ -58,10 +58,12 @@ __global__ void __launch_bounds__(kThreads) key_stats_kernel(SideParams p, int s
       const float* col = M + (e / L) * mapsz + (e % L);
       float mt = -INFINITY;
       for (int n = 0; n < nv; ++n) mt = fmaxf(mt, col[n * L]);
-      float st = 0.f;
-      for (int n = 0; n < nv; ++n) st += __expf(col[n * L] - mt);
+      float st = 0.f;  // a row that is -inf over the whole tile adds nothing (not exp(-inf - -inf) = NaN)
+      if (mt != -INFINITY) {
+        for (int n = 0; n < nv; ++n) st += __expf(col[n * L] - mt);
+      }
       const float m = fmaxf(rm[e], mt);
-      rs[e] = rs[e] * __expf(rm[e] - m) + st * __expf(mt - m);
+      rs[e] = m == -INFINITY ? 0.f : rs[e] * __expf(rm[e] - m) + st * __expf(mt - m);
       rm[e] = m;
     }
   }
@@ -275,12 +277,12 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
       constexpr bool kTC = decltype(tcv)::value;
       const size_t smem1 = smem_bytes(p, 1, fixed);
       set_smem(key_stats_kernel<T, kTC>, smem1);
-      key_stats_kernel<T, kTC><<<grid, kThreads, smem1, stream>>>(p, s.splits);
+      launch_kernel<key_stats_kernel<T, kTC>>(grid, kThreads, smem1, stream, p, s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduce_logsumexp(part_m, part_s, lse2);
       const size_t smem2 = smem_bytes(p, 1, int64_t(H) * H);
       set_smem(key_z_kernel<T, kTC>, smem2);
-      key_z_kernel<T, kTC><<<grid, kThreads, smem2, stream>>>(p, s.splits);
+      launch_kernel<key_z_kernel<T, kTC>>(grid, kThreads, smem2, stream, p, s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -315,7 +317,8 @@ void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tenso
       dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
         constexpr bool kTC = decltype(tcv)::value;
         set_smem(key_rowsum_kernel<T, kTC>, smem);
-        key_rowsum_kernel<T, kTC><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
+        launch_kernel<key_rowsum_kernel<T, kTC>>(dim3(s.splits, p.B), kThreads, smem, stream, p,
+                                                 s.splits);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -339,7 +342,8 @@ void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tenso
     dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
       constexpr bool kTC = decltype(tcv)::value;
       set_smem(key_backward_kernel<T, kTC>, smem);
-      key_backward_kernel<T, kTC><<<dim3(s.splits, p.B), kThreads, smem, stream>>>(p, s.splits);
+      launch_kernel<key_backward_kernel<T, kTC>>(dim3(s.splits, p.B), kThreads, smem, stream, p,
+                                                 s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -116,9 +116,10 @@ at::Tensor landmarks_cuda(const at::Tensor& x, c10::SymIntArrayRef grid, at::Int
   if (total == 0) return out;
   dispatch_float_types(x.scalar_type(), "landmarks (x)", [&](auto tag) {
     using T = decltype(tag);
-    landmarks_kernel<T><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        static_cast<T*>(out.data_ptr()), total, static_cast<int>(H), static_cast<int>(d), g);
+    launch_kernel<landmarks_kernel<T>>(
+        blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(), static_cast<const T*>(x.data_ptr()),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), static_cast<T*>(out.data_ptr()), total,
+        static_cast<int>(H), static_cast<int>(d), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -138,10 +139,10 @@ at::Tensor landmarks_backward_cuda(const at::Tensor& grad, c10::SymInt num_token
   if (total == 0) return out;
   dispatch_float_types(grad.scalar_type(), "landmarks_backward (grad)", [&](auto tag) {
     using T = decltype(tag);
-    landmarks_backward_kernel<T><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(grad.data_ptr()), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        static_cast<T*>(out.data_ptr()), total, static_cast<int>(H), static_cast<int>(n_tok),
-        static_cast<int>(d), g);
+    launch_kernel<landmarks_backward_kernel<T>>(
+        blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(), static_cast<const T*>(grad.data_ptr()),
+        grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3), static_cast<T*>(out.data_ptr()), total,
+        static_cast<int>(H), static_cast<int>(n_tok), static_cast<int>(d), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

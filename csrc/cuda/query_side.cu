@@ -188,7 +188,7 @@ void query_side_forward(const at::Tensor& q, const at::Tensor& k_land_f, const a
     dispatch_tensor_cores<T>(tensor_cores, p.d, [&](auto tcv) {
       constexpr bool kTC = decltype(tcv)::value;
       set_smem(query_forward_kernel<T, kTC>, smem);
-      query_forward_kernel<T, kTC><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      launch_kernel<query_forward_kernel<T, kTC>>(grid, kThreads, smem, at::cuda::getCurrentCUDAStream(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -220,7 +220,8 @@ void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
     dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
       constexpr bool kTC = decltype(tcv)::value;
       set_smem(query_backward_kernel<T, kTC>, smem);
-      query_backward_kernel<T, kTC><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p, s.splits);
+      launch_kernel<query_backward_kernel<T, kTC>>(grid, kThreads, smem, at::cuda::getCurrentCUDAStream(), p,
+                                                   s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -28,9 +28,11 @@ __global__ void reduce_logsumexp_kernel(const float* __restrict__ pm, const floa
     float m = -INFINITY;
     for (int j = 0; j < S; ++j) m = fmaxf(m, pm[base + j * I]);
     float s = 0.f;
-    for (int j = 0; j < S; ++j) s += ps[base + j * I] * __expf(pm[base + j * I] - m);
-    // every split sees >= 1 token, so m is finite for finite inputs; an all -inf row gives -inf
-    // (torch.logsumexp), not -inf - -inf = NaN
+    for (int j = 0; j < S; ++j) {
+      const float mj = pm[base + j * I];
+      if (mj != -INFINITY) s += ps[base + j * I] * __expf(mj - m);  // a split whose row is all -inf adds 0
+    }
+    // an all -inf row gives -inf (torch.logsumexp), not -inf - -inf = NaN
     lse[idx] = m == -INFINITY ? -INFINITY : m + __logf(s);
   }
 }
@@ -48,9 +50,9 @@ void reduce_splits(const at::Tensor& part, double alpha, at::Tensor& out) {
   if (out.numel() == 0) return;
   dispatch_float_types(out.scalar_type(), "reduce", [&](auto tag) {
     using T = decltype(tag);
-    reduce_splits_kernel<T><<<blocks(O * I), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        part.data_ptr<float>(), static_cast<T*>(out.data_ptr()), O, static_cast<int>(S), I,
-        static_cast<float>(alpha));
+    launch_kernel<reduce_splits_kernel<T>>(blocks(O * I), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                                           part.data_ptr<float>(), static_cast<T*>(out.data_ptr()), O,
+                                           static_cast<int>(S), I, static_cast<float>(alpha));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -60,8 +62,9 @@ void reduce_logsumexp(const at::Tensor& part_m, const at::Tensor& part_s, at::Te
   TORCH_INTERNAL_ASSERT(lse.is_contiguous() && lse.scalar_type() == at::kFloat);
   const int64_t O = part_m.size(0), S = part_m.size(1), I = part_m.size(2);
   if (lse.numel() == 0) return;
-  reduce_logsumexp_kernel<<<blocks(O * I), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      part_m.data_ptr<float>(), part_s.data_ptr<float>(), lse.data_ptr<float>(), O, static_cast<int>(S), I);
+  launch_kernel<reduce_logsumexp_kernel>(blocks(O * I), kThreads, 0, at::cuda::getCurrentCUDAStream(),
+                                         part_m.data_ptr<float>(), part_s.data_ptr<float>(), lse.data_ptr<float>(),
+                                         O, static_cast<int>(S), I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
