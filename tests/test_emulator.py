@@ -204,3 +204,31 @@ def test_kernels_are_served_from_the_cuda_sources():
     for op in ("imhsa", "imhsa_backward", "landmarks", "landmarks_backward"):
         line = [s for s in torch._C._dispatch_dump(f"crosshead::{op}").splitlines() if s.startswith("CPU:")][0]
         assert "/cuda/" in line and ".cu:" in line, line
+
+
+def test_split_grids_fit_in_one_wave(monkeypatch):
+    """cuda_audit.md §2.10 #2: the split kernels' grids (splits × B CTAs) must fit in one wave of
+    resident CTAs (occupancy × SMs), not spill a nearly empty second wave. The emulated device's
+    occupancy counts threads and shared memory (1 KiB reserved per CTA, 228 KiB and 2048 threads per
+    SM); a GPU also counts registers, which only a GPU run can check."""
+    sms, B, h = 4, 3, 8  # h = 8, L = 49, d = 64: the backward kernels fit 2 CTAs per SM (~100 KB each)
+    monkeypatch.setenv("CROSSHEAD_CUDA_EMULATOR_SMS", str(sms))
+    q, k, v = (torch.randn(B, h, 61, 64) for _ in range(3))
+    q_land, k_land = (torch.randn(B, h, 49, 64) for _ in range(2))
+    w = [torch.eye(h) + 0.3 * torch.randn(h, h) for _ in range(2)]
+    ops.launch_log(True)
+    out = torch.ops.crosshead.imhsa(q, k, v, q_land, k_land, *w, "post", 0.2)
+    torch.ops.crosshead.imhsa_backward(torch.randn_like(q), q, k, v, q_land, k_land, *w, *out[1:], "post", 0.2)
+    split_kernels = ("key_stats_kernel", "key_z_kernel", "key_rowsum_kernel", "key_backward_kernel",
+                     "query_backward_kernel")
+    seen = set()
+    for line in ops.launch_log(True).splitlines():
+        name, gx, gy, gz, threads, smem = line.rsplit(" ", 5)
+        kernel = next((k for k in split_kernels if k in name), None)
+        if kernel is None:
+            continue
+        seen.add(kernel)
+        resident = min(2048 // int(threads), 228 * 1024 // (int(smem) + 1024), 32)
+        ctas = int(gx) * int(gy) * int(gz)
+        assert int(gy) == B and ctas <= resident * sms, f"{name}: {ctas} CTAs for {resident} × {sms} slots"
+    assert seen == set(split_kernels)

@@ -121,22 +121,43 @@ inline int pick_tile(int H, int L, int d, int maps, int64_t fixed_floats, int64_
 }
 
 // How the tiles of N are grouped into splits, each one CTA, whose partial sums are reduced in a
-// fixed order afterwards. About two CTAs per SM, partial buffers held under a few hundred MiB.
+// fixed order afterwards. All B·splits CTAs fit in one wave of `ctas_per_sm` resident CTAs per SM
+// (a second, nearly empty wave would cost as much as the first: cuda_audit.md §2.10 #2), tiles are
+// spread evenly, and the partial buffers stay under 256 MiB.
 struct Splits {
   int tn, tiles, per_split, splits;
 };
 
-inline Splits pick_splits(int64_t B, int64_t N, int tn, int64_t partial_floats_per_split) {
+inline Splits pick_splits(int64_t B, int64_t N, int tn, int64_t partial_floats_per_split, int ctas_per_sm) {
   Splits s;
   s.tn = tn;
   s.tiles = ceil_div(N, tn);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int64_t want = std::max<int64_t>(1, (2 * sms + B - 1) / std::max<int64_t>(B, 1));
+  int64_t want = std::max<int64_t>(1, int64_t(std::max(ctas_per_sm, 1)) * sms / std::max<int64_t>(B, 1));
   int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, B * partial_floats_per_split));
   want = std::min<int64_t>({want, cap, static_cast<int64_t>(s.tiles)});
   s.per_split = ceil_div(s.tiles, want);
   s.splits = ceil_div(s.tiles, s.per_split);  // every split owns at least one tile
   return s;
+}
+
+// CTAs of `kernel` (kThreads threads, `smem` bytes of dynamic shared memory) resident per SM.
+template <typename K>
+int resident_ctas(K kernel, size_t smem) {
+  set_smem(kernel, smem);
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+  return std::max(n, 1);
+}
+
+// Calls f(T{}, kTC) for the element type of t (dispatch_float_types) and the tile-product path
+// (dispatch_tensor_cores), kTC a std::integral_constant<bool, ...>.
+template <typename F>
+void dispatch_kernel_types(at::ScalarType t, const char* what, bool tensor_cores, int d, F&& f) {
+  dispatch_float_types(t, what, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) { f(tag, tcv); });
+  });
 }
 
 // ---------------------------------------------------------------------------- device helpers

@@ -257,9 +257,16 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
   SideParams p = base_params(k, v, q_land_f, w_k_f, pre, scale);
   const int H = p.H, L = p.L, d = p.d;
   const int64_t fixed = int64_t(H) * H + 2 * int64_t(H) * L;
-  const int tn = pick_tile(H, L, d, 1, fixed, p.N);
-  Splits s = pick_splits(p.B, p.N, tn, int64_t(H) * L * d);
-  p.tn = tn, p.tiles = s.tiles, p.per_split = s.per_split;
+  p.tn = pick_tile(H, L, d, 1, fixed, p.N);
+  const size_t smem1 = smem_bytes(p, 1, fixed), smem2 = smem_bytes(p, 1, int64_t(H) * H);
+  int occupancy = 0;  // both passes run on the same splits
+  dispatch_kernel_types(k.scalar_type(), "imhsa (k)", tensor_cores, d, [&](auto tag, auto tcv) {
+    using T = decltype(tag);
+    constexpr bool kTC = decltype(tcv)::value;
+    occupancy = std::min(resident_ctas(key_stats_kernel<T, kTC>, smem1), resident_ctas(key_z_kernel<T, kTC>, smem2));
+  });
+  Splits s = pick_splits(p.B, p.N, p.tn, int64_t(H) * L * d, occupancy);
+  p.tiles = s.tiles, p.per_split = s.per_split;
   auto fopt = k.options().dtype(at::kFloat);
   at::Tensor part_m = at::empty({p.B, s.splits, int64_t(H) * L}, fopt);
   at::Tensor part_s = at::empty({p.B, s.splits, int64_t(H) * L}, fopt);
@@ -275,13 +282,9 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
     using T = decltype(tag);
     dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {  // one path for both passes
       constexpr bool kTC = decltype(tcv)::value;
-      const size_t smem1 = smem_bytes(p, 1, fixed);
-      set_smem(key_stats_kernel<T, kTC>, smem1);
       launch_kernel<key_stats_kernel<T, kTC>>(grid, kThreads, smem1, stream, p, s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduce_logsumexp(part_m, part_s, lse2);
-      const size_t smem2 = smem_bytes(p, 1, int64_t(H) * H);
-      set_smem(key_z_kernel<T, kTC>, smem2);
       launch_kernel<key_z_kernel<T, kTC>>(grid, kThreads, smem2, stream, p, s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -306,42 +309,42 @@ void key_side_backward(const at::Tensor& k, const at::Tensor& v, const at::Tenso
   if (!rowsum_pass) {
     D = (dz * z).sum(-1).contiguous();  // Σ_n Â·dÂ = dZ·Z row by row
   } else {
-    const int tn = pick_tile(H, L, d, 2, int64_t(H) * H + int64_t(H) * L, p.N);
-    Splits s = pick_splits(p.B, p.N, tn, int64_t(H) * L);
-    p.tn = tn, p.tiles = s.tiles, p.per_split = s.per_split;
-    at::Tensor part_d = at::empty({p.B, s.splits, int64_t(H) * L}, fopt);
-    p.part_m = part_d.data_ptr<float>();
+    p.tn = pick_tile(H, L, d, 2, int64_t(H) * H + int64_t(H) * L, p.N);
     const size_t smem = smem_bytes(p, 2, int64_t(H) * H + int64_t(H) * L);
-    dispatch_float_types(k.scalar_type(), "imhsa_backward (k)", [&](auto tag) {
+    at::Tensor part_d;
+    dispatch_kernel_types(k.scalar_type(), "imhsa_backward (k)", tensor_cores, d, [&](auto tag, auto tcv) {
       using T = decltype(tag);
-      dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
-        constexpr bool kTC = decltype(tcv)::value;
-        set_smem(key_rowsum_kernel<T, kTC>, smem);
-        launch_kernel<key_rowsum_kernel<T, kTC>>(dim3(s.splits, p.B), kThreads, smem, stream, p,
-                                                 s.splits);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      constexpr bool kTC = decltype(tcv)::value;
+      Splits s = pick_splits(p.B, p.N, p.tn, int64_t(H) * L, resident_ctas(key_rowsum_kernel<T, kTC>, smem));
+      p.tiles = s.tiles, p.per_split = s.per_split;
+      part_d = at::empty({p.B, s.splits, int64_t(H) * L}, fopt);
+      p.part_m = part_d.data_ptr<float>();
+      launch_kernel<key_rowsum_kernel<T, kTC>>(dim3(s.splits, p.B), kThreads, smem, stream, p, s.splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     D = at::empty({p.B, H, L}, fopt);
     at::Tensor D2 = D.view({p.B, int64_t(H) * L});
     reduce_splits(part_d, 1.0, D2);
   }
   p.D = D.data_ptr<float>();
-  const int tn = pick_tile(H, L, d, 3, 2 * int64_t(H) * H, p.N);
-  Splits s = pick_splits(p.B, p.N, tn, int64_t(H) * L * d + H * H);
-  p.tn = tn, p.tiles = s.tiles, p.per_split = s.per_split;
+  p.tn = pick_tile(H, L, d, 3, 2 * int64_t(H) * H, p.N);
+  const size_t smem = smem_bytes(p, 3, 2 * int64_t(H) * H);
+  int occupancy = 0;
+  dispatch_kernel_types(k.scalar_type(), "imhsa_backward (k)", tensor_cores, d, [&](auto tag, auto tcv) {
+    occupancy = resident_ctas(key_backward_kernel<decltype(tag), decltype(tcv)::value>, smem);
+  });
+  Splits s = pick_splits(p.B, p.N, p.tn, int64_t(H) * L * d + H * H, occupancy);
+  p.tiles = s.tiles, p.per_split = s.per_split;
   at::Tensor part_dql = at::empty({p.B, s.splits, int64_t(H) * L * d}, fopt);
   at::Tensor part_w = at::empty({p.w ? p.B : 0, s.splits, int64_t(H) * H}, fopt);
   p.part = part_dql.data_ptr<float>();
   p.part_w = p.w ? part_w.data_ptr<float>() : nullptr;
   p.out = dk.data_ptr();
   p.out2 = dv.data_ptr();
-  const size_t smem = smem_bytes(p, 3, 2 * int64_t(H) * H);
   dispatch_float_types(k.scalar_type(), "imhsa_backward (k)", [&](auto tag) {
     using T = decltype(tag);
     dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
       constexpr bool kTC = decltype(tcv)::value;
-      set_smem(key_backward_kernel<T, kTC>, smem);
       launch_kernel<key_backward_kernel<T, kTC>>(dim3(s.splits, p.B), kThreads, smem, stream, p,
                                                  s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -204,7 +204,12 @@ void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
   p.out = dq.data_ptr();
   const int H = p.H, L = p.L, d = p.d;
   const int tn = pick_tile(H, L, d, 3, 2 * H * H, p.N);
-  Splits s = pick_splits(p.B, p.N, tn, 2 * int64_t(H) * L * d + H * H);
+  const size_t smem = (3 * size_t(H) * tn * L + size_t(tn) * xs_ld(d) + 2 * H * H) * sizeof(float);
+  int occupancy = 0;
+  dispatch_kernel_types(q.scalar_type(), "imhsa_backward (q)", tensor_cores, d, [&](auto tag, auto tcv) {
+    occupancy = resident_ctas(query_backward_kernel<decltype(tag), decltype(tcv)::value>, smem);
+  });
+  Splits s = pick_splits(p.B, p.N, tn, 2 * int64_t(H) * L * d + H * H, occupancy);
   p.tn = tn, p.tiles = s.tiles, p.per_split = s.per_split;
   auto fopt = q.options().dtype(at::kFloat);
   at::Tensor part_dz = at::empty({p.B, s.splits, int64_t(H) * L * d}, fopt);
@@ -213,13 +218,11 @@ void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
   p.part = part_dz.data_ptr<float>();
   p.part2 = part_dkl.data_ptr<float>();
   p.part_w = p.w ? part_w.data_ptr<float>() : nullptr;
-  const size_t smem = (3 * size_t(H) * tn * L + size_t(tn) * xs_ld(d) + 2 * H * H) * sizeof(float);
   dim3 grid(s.splits, p.B);
   dispatch_float_types(q.scalar_type(), "imhsa_backward (q)", [&](auto tag) {
     using T = decltype(tag);
     dispatch_tensor_cores<T>(tensor_cores, d, [&](auto tcv) {
       constexpr bool kTC = decltype(tcv)::value;
-      set_smem(query_backward_kernel<T, kTC>, smem);
       launch_kernel<query_backward_kernel<T, kTC>>(grid, kThreads, smem, at::cuda::getCurrentCUDAStream(), p,
                                                    s.splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -395,9 +395,26 @@ void check_config(const LaunchConfig& c, const std::string& name);
 
 size_t func_max_dynamic_smem(const void* kernel);  // cuda_api.cpp
 
+namespace {
+std::string g_launch_log;
+}
+
+std::string launch_log(bool clear) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  std::string log = g_launch_log;
+  if (clear) g_launch_log.clear();
+  return log;
+}
+
 void launch(const LaunchConfig& c, void (*body)(void*), void* ctx) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_kernel = kernel_name(c.kernel_name);
+  if (g_launch_log.size() < (1u << 20)) {
+    std::ostringstream line;
+    line << g_kernel << " " << c.grid.x << " " << c.grid.y << " " << c.grid.z << " "
+         << c.block.x * c.block.y * c.block.z << " " << c.dynamic_smem << "\n";
+    g_launch_log += line.str();
+  }
   check_config(c, g_kernel);
   const int threads = static_cast<int>(c.block.x * c.block.y * c.block.z);
   while (g_stacks < threads) {

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace crosshead_emu {
 
@@ -79,6 +80,9 @@ struct LaunchConfig {
   const char* kernel_name;
 };
 void launch(const LaunchConfig& config, void (*body)(void*), void* ctx);
+// The launches since the last call with clear=true, one line each: "kernel gx gy gz threads smem".
+std::string launch_log(bool clear);
+
 // Called by the fiber body around the kernel call: memory accesses are checked in between.
 void enter_kernel();
 void leave_kernel();
