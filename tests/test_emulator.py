@@ -232,3 +232,10 @@ def test_split_grids_fit_in_one_wave(monkeypatch):
         ctas = int(gx) * int(gy) * int(gz)
         assert int(gy) == B and ctas <= resident * sms, f"{name}: {ctas} CTAs for {resident} × {sms} slots"
     assert seen == set(split_kernels)
+
+
+def test_load_weights_without_w_is_the_identity():
+    """cuda_audit.md §2.10 #3: a null w means no interaction, so the staged weights are the identity."""
+    assert torch.equal(ops.load_weights(None, 5), torch.eye(5))
+    w = torch.randn(3, 3)
+    assert torch.equal(ops.load_weights(w, 3), w)

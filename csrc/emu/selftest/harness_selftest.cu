@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/ptx.cuh"
 
@@ -245,6 +246,23 @@ at::Tensor hazard(const at::Tensor& x, int64_t mode, int64_t blocks, int64_t dyn
   return out;
 }
 
+// crosshead::load_weights with no w: the identity (cuda_audit.md §2.10 #3: it used to write zeros).
+__global__ void load_weights_kernel(const float* w, float* out, int H) {
+  extern __shared__ __align__(16) float ws[];
+  crosshead::load_weights(ws, w, H);
+  __syncthreads();
+  for (int e = threadIdx.x; e < H * H; e += blockDim.x) out[e] = ws[e];
+}
+
+at::Tensor load_weights(const std::optional<at::Tensor>& w, int64_t H) {
+  at::Tensor out = at::empty({H, H}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor wc = w.has_value() ? w->to(at::kFloat).contiguous() : at::Tensor();
+  launch_kernel<load_weights_kernel>(dim3(1), dim3(64), size_t(H * H) * 4, at::cuda::getCurrentCUDAStream(),
+                                     wc.defined() ? wc.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                     static_cast<int>(H));
+  return out;
+}
+
 std::string launch_log(bool clear) {
 #ifdef CROSSHEAD_EMULATOR
   return crosshead_emu::launch_log(clear);
@@ -263,6 +281,7 @@ TORCH_LIBRARY(crosshead_emu_selftest, m) {
   m.def("cp_async(Tensor src, int mode, int keep) -> Tensor");
   m.def("collectives(Tensor x) -> Tensor");
   m.def("hazard(Tensor x, int mode, int blocks, int dynamic_smem, bool opt_in) -> Tensor");
+  m.def("load_weights(Tensor? w, int H) -> Tensor", &crosshead_selftest::load_weights);
 }
 
 TORCH_LIBRARY_IMPL(crosshead_emu_selftest, CUDA, m) {
