@@ -40,7 +40,6 @@ struct Thread {
   Fiber fiber;
   ThreadState* state;
   Wait wait = Wait::none;
-  bool checking = false;  // memory accesses are checked (inside the kernel function)
   const char* file = nullptr;  // where it waits
   int line = 0;
   // warp collective in progress

@@ -59,7 +59,6 @@ void fiber_main(void* arg) {
   } catch (const std::exception& e) {
     fail(std::string("exception in device code: ") + e.what());
   }
-  t.checking = false;
   set_checking(false);
   t.wait = Wait::exited;
   ++g_block.exited;
@@ -96,12 +95,10 @@ void yield() {
 }
 
 void enter_kernel() {
-  g_thread->checking = true;
   set_checking(true);
 }
 
 void leave_kernel() {
-  g_thread->checking = false;
   set_checking(false);
 }
 
@@ -347,7 +344,6 @@ void run_block() {
   for (int i = 0; i < b.size; ++i) {
     Thread& t = b.threads[i];
     t.wait = Wait::none;
-    t.checking = false;
     t.uncommitted.clear();
     t.groups.clear();
     t.last_alloc = nullptr;
