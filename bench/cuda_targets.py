@@ -15,6 +15,8 @@ what the inputs already hold. Targets:
   T2 fwd+bwd >= 3x faster than the pure-torch path      T3 >= 1.5x faster than torch.compile of it
   T4 faster than SDPA (flash) from N = 784 on, fwd and fwd+bwd
   T5 peak memory of fwd+bwd <= the pure-torch path's
+Per launch of the fused forward: measured kernel time (torch.profiler, mean of 10 calls) against
+the design's global bytes, FLOPs, roofline floor and predicted fraction (bench/kernel_model.py).
 Writes cuda_targets_<device>.json and .md under --out.
 """
 
@@ -36,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import crosshead  # noqa: E402
 from crosshead import _library, reference  # noqa: E402
+
+from kernel_model import forward_launches  # noqa: E402
 
 B, H, D, LH, LW = 32, 8, 64, 7, 7
 DTYPE = torch.bfloat16
@@ -139,9 +143,35 @@ def bench_n(n, mix, warmup, reps):
         print(f"  N={n} {name}: fwd {r[f'{name}_fwd_ms']} ms, fwd+bwd {r[f'{name}_fwdbwd_ms']} ms, "
               f"peak {r[f'{name}_peak_mib']} MiB ({time.time() - t0:.0f} s with warm-up/compile)", flush=True)
     r["min_bytes"] = 4 * B * H * n * D * q.element_size()
+    r["kernels_fwd_us"] = guarded(lambda: kernel_times_us(fused_fwd))
     del q, k, v, ql, kl, g, qs, ks, vs
     torch.cuda.empty_cache()
     return r
+
+
+def kernel_times_us(fn, calls=10):
+    """Mean device time per call of each CUDA kernel fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def launch_rows(r, copy_gbs):
+    """The model's launches of the forward at r's N beside the measured kernel times."""
+    rows = []
+    measured = r.get("kernels_fwd_us") or {}
+    for m in forward_launches(B, H, r["N"], D, LH * LW):
+        base = m["launch"].split(" ")[0]
+        us = sum(t for name, t in measured.items() if base in name) or None
+        floor_us = m["bytes"] / (copy_gbs * 1e3) if m["bytes"] else None
+        rows.append({**m, "measured_us": us, "floor_us": floor_us,
+                     "achieved_fraction": ratio(floor_us, us)})
+    return rows
 
 
 def ratio(a, b):
@@ -196,6 +226,15 @@ def markdown(meta, rows, checks):
             f"| {fmt(r['fused_fwdbwd_ms'])} | {fmt(r['torch_fwdbwd_ms'])} | {fmt(r['compiled_fwdbwd_ms'])} "
             f"| {fmt(r['sdpa_fwd_ms'])} / {fmt(r['sdpa_fwdbwd_ms'])} | {fmt(r['fused_peak_mib'], '.0f')} / "
             f"{fmt(r['torch_peak_mib'], '.0f')} / {fmt(r['compiled_peak_mib'], '.0f')} / {fmt(r['sdpa_peak_mib'], '.0f')} |")
+    lines += ["", "Forward launches, measured against the design (bench/kernel_model.py; fraction = DRAM floor "
+              "at the copy bandwidth / time):", "",
+              "| N | launch | grid | MB | GFLOP | floor µs | measured µs | fraction measured | predicted |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for k in r.get("launches", []):
+            lines.append(f"| {r['N']} | {k['launch']} | {k['grid']} | {k['bytes'] / 1e6:.1f} | {k['flops'] / 1e9:.2f} "
+                         f"| {fmt(k['floor_us'])} | {fmt(k['measured_us'])} | {fmt(k['achieved_fraction'])} "
+                         f"| {fmt(k['predicted_fraction'])} |")
     lines += ["", "| N | target | value | goal | met |", "| --- | --- | --- | --- | --- |"]
     for c in checks:
         met = "n.a." if c["met"] is None else ("yes" if c["met"] else "**no**")
@@ -220,6 +259,8 @@ def main():
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     rows = [bench_n(n, a.mix, a.warmup, a.reps) for n in a.n]
     checks = evaluate(rows, copy_gbs)
+    for r in rows:
+        r["launches"] = launch_rows(r, copy_gbs)
     meta = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "mode": _library.mode,
             "mix": a.mix, "copy_gbs": copy_gbs, "warmup": a.warmup, "reps": a.reps,
             "config": {"B": B, "h": H, "d": D, "L": LH * LW, "dtype": "bfloat16"}}

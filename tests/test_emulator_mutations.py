@@ -55,7 +55,32 @@ MUTATIONS = {
         "      rs[e] = m == -INFINITY ? 0.f : rs[e + H * L] * __expf(rm[e] - m) + st * __expf(mt - m);",
         "test_matches_float64_reference and float32 and post and no_w",
         r"out-of-bounds read of 4 bytes at dynamic shared memory"),
+    # second generation: the A fragment of Â_Q·Z with a[1] and a[2] exchanged (row g+8 and column
+    # 2t+8 swapped), the mistake the PTX fragment table invites
+    "mma_a_fragment_row_col_swapped": (
+        "cuda/query_forward_mma.cu",
+        "{mma::pack2<T>(v00.x, v00.y), mma::pack2<T>(v10.x, v10.y), mma::pack2<T>(v01.x, v01.y),",
+        "{mma::pack2<T>(v00.x, v00.y), mma::pack2<T>(v01.x, v01.y), mma::pack2<T>(v10.x, v10.y),",
+        "test_query_forward_within_its_error_bound and bfloat16 and post and no_w",
+        r"out: max abs error .* > bound"),
+    # second generation: the last landmark row of Z is zero-filled as if it were padding
+    "mma_partial_landmark_tile_off_by_one": (
+        "cuda/query_forward_mma.cu",
+        "zb + g * L * D, D, lay.lp16, L, nthreads);",
+        "zb + g * L * D, D, lay.lp16, L - 1, nthreads);",
+        "test_query_forward_within_its_error_bound and float16 and pre and w",
+        r"out: max abs error .* > bound"),
+    # second generation: the last head's Z is read before its cp.async group is waited for
+    "mma_cp_async_not_waited": (
+        "cuda/query_forward_mma.cu",
+        "      stage_z(g + 1, (g + 1) & 1);\n      ptx::cp_async_wait<1>();\n    } else {\n"
+        "      ptx::cp_async_wait<0>();\n    }\n",
+        "      stage_z(g + 1, (g + 1) & 1);\n      ptx::cp_async_wait<1>();\n    }\n",
+        "test_query_forward_within_its_error_bound and bfloat16 and post and w",
+        r"cp.async into it is still in flight"),
 }
+# the test file each mutation runs (default tests/test_ops_cuda.py)
+MUTATION_TESTS = {name: "test_ops_cuda_mma.py" for name in MUTATIONS if "cuda/query_forward_mma.cu" == MUTATIONS[name][0]}
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
@@ -68,7 +93,7 @@ def test_broken_kernel_fails_the_emulated_tests(name, tmp_path):
     assert text.count(original) == 1, f"{name}: the patch no longer applies to csrc/{rel}; update it"
     path.write_text(text.replace(original, broken))
     env = dict(os.environ, CROSSHEAD_CUDA_EMULATOR="1", CROSSHEAD_EMULATOR_CSRC=str(csrc))
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_ops_cuda.py"), "-q", "-x",
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / MUTATION_TESTS.get(name, "test_ops_cuda.py")), "-q", "-x",
                            "-p", "no:cacheprovider", "-k", selection], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     output = proc.stdout + proc.stderr

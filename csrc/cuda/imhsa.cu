@@ -97,7 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> imhsa_cuda(
   const bool use_tc = tensor_cores_enabled();  // CROSSHEAD_CUDA_TENSOR_CORES, read once per call
   key_side_forward(unit_stride_last(k), unit_stride_last(v), as_float(q_land), weight_f(w_k), pre, scale, z,
                    lse_k, use_tc);
-  query_side_forward(unit_stride_last(q), as_float(k_land), z, weight_f(w_q), pre, scale, out, lse_q, use_tc);
+  if (!query_forward_mma(q, k_land, z, w_q, pre, scale, out, lse_q, use_tc)) {
+    query_side_forward(unit_stride_last(q), as_float(k_land), z, weight_f(w_q), pre, scale, out, lse_q, use_tc);
+  }
   return {out, z, lse_k, lse_q};
 }
 

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace crosshead {
 
 // Z = Â_K·v (float32) and lse_k (B, h, L).
@@ -19,6 +21,16 @@ void key_side_forward(const at::Tensor& k, const at::Tensor& v, const at::Tensor
 void query_side_forward(const at::Tensor& q, const at::Tensor& k_land_f, const at::Tensor& z,
                         const at::Tensor& w_q_f, bool pre, double scale, at::Tensor& out, at::Tensor& lse_q,
                         bool tensor_cores);
+
+// Second generation (README.md, "Second generation"): whether the tensor-core m16n8k16 kernels
+// serve q (float16/bfloat16, d in {32, 64, 128}, h <= 16, L <= 64, sm_80+, tensor cores allowed).
+bool mma_path_serves(const at::Tensor& q, int64_t L, bool tensor_cores);
+
+// out = Â_Q·Z and lse_q in one kernel (query_forward_mma.cu) from q, k_land and w_q as given;
+// returns false, doing nothing, where mma_path_serves does not hold.
+bool query_forward_mma(const at::Tensor& q, const at::Tensor& k_land, const at::Tensor& z,
+                       const std::optional<at::Tensor>& w_q, bool pre, double scale, at::Tensor& out,
+                       at::Tensor& lse_q, bool tensor_cores);
 
 // From grad_out: dq, dZ (float32), dk_land and dw_q ((h, h) in w_q's dtype; only when w_q is defined).
 void query_side_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_land_f,
