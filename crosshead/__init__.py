@@ -6,7 +6,7 @@ _library.load()
 _library.load_emulator()
 _library.register_reference_kernels()
 
-from . import _autograd, _fake  # noqa: E402,F401  (registrations; need the ops defined first)
+from . import _autograd, _fake, _vmap  # noqa: E402,F401  (registrations; need the ops defined first)
 from . import nn  # noqa: E402
 from .ops import imhsa, landmarks  # noqa: E402
 

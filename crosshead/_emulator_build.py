@@ -135,6 +135,7 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, jobs: int | None = N
     kernels += sorted((csrc / "emu" / "selftest").glob("*.cu"))  # the harness's own test kernels
     runtime = sorted((csrc / "emu").glob("*.cpp"))
     headers = sorted(p for d in ("cuda", "emu") for p in (csrc / d).rglob("*") if p.suffix in (".h", ".cuh"))
+    headers += sorted(csrc.glob("*.h"))  # op_checks.h
     header_digest = _digest(*(p.read_bytes() for p in headers), *(str(p.relative_to(csrc)) for p in headers))
     base = ["-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
             "-ffp-contract=off", "-DCROSSHEAD_EMULATOR=1", *defines,

@@ -118,14 +118,29 @@ def load_emulator() -> None:
     emulated = True
 
 
+def _without_autocast(kernel, device_type: str):
+    """The pure-torch kernels compute in float32 (float64) as documented, and return float32 z and
+    lse as the schema's fake kernel says: autocast, when on, must not recast the matmuls inside."""
+
+    def run(*args):
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args)
+
+    run.__name__ = run.__qualname__ = kernel.__name__
+    run.__doc__ = kernel.__doc__
+    return run
+
+
 def register_reference_kernels() -> None:
-    """The pure-torch kernels serve CPU always, and CUDA where no compiled kernel does."""
-    from . import reference
+    """The pure-torch kernels, behind the ops' argument checks (_op_checks), serve CPU always, and
+    CUDA where no compiled kernel does."""
+    from . import _op_checks, reference
 
     lib = torch.library.Library(NAMESPACE, "IMPL")
     for op in SCHEMAS:
         for key in ("CPU", "CUDA"):
             if not has_kernel(op, key):
-                lib.impl(op, getattr(reference, op), key)
+                kernel = _without_autocast(getattr(reference, op), key.lower())
+                lib.impl(op, _op_checks.checked(op, kernel), key)
                 python_kernels.add((op, key))
     _libraries.append(lib)

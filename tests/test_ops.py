@@ -167,3 +167,18 @@ def test_imhsa_rejects_mixed_devices():
     q, k, v, ql, kl, wq, wk = imhsa_inputs(1, 2, 8, 4, 2)
     _bad(crosshead.imhsa, q, k.to("meta"), v, ql, kl, match=r"k is on meta but q is on cpu")
     _bad(crosshead.imhsa, q, k, v, ql, kl, wq.to("meta"), match=r"w_q is on meta but q is on cpu")
+
+
+def test_autocast_does_not_lower_the_kernels_precision():
+    """Under autocast the pure-torch kernel still computes in float32 and returns float32 z and lse,
+    as the fake kernel (and so torch.compile) declares: bitwise what it computes without autocast."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16() for _ in range(3))
+    ql, kl = (torch.randn(2, 4, 4, 8, generator=g).bfloat16() for _ in range(2))
+    w = torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g)
+    plain = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w, w, "pre", 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w, w, "pre", 0.3)
+    assert [t.dtype for t in cast] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    for a, b in zip(cast, plain):
+        assert torch.equal(a, b)

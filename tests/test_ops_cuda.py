@@ -299,11 +299,11 @@ def test_rejects_unsupported_configurations_with_a_clear_message():
     big_l = inputs(1, 2, 300, 16, 257, dtype=torch.float32, interaction=False)
     with pytest.raises(RuntimeError, match="L <= 256"):
         torch.ops.crosshead.imhsa(*big_l, "post", 0.25)
-    with pytest.raises(RuntimeError, match="mix"):
+    with pytest.raises(ValueError, match="mix"):  # argument checks: tests/test_op_checks.py
         torch.ops.crosshead.imhsa(*ok, "sideways", 0.25)
     bad_w = list(ok)
     bad_w[5] = torch.eye(3, device=DEVICE)
-    with pytest.raises(RuntimeError, match="w_q"):
+    with pytest.raises(ValueError, match="w_q"):
         torch.ops.crosshead.imhsa(*bad_w, "post", 0.25)
 
 

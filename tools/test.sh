@@ -21,5 +21,5 @@ if [ "$flavor" = cpu ] && [ "${CROSSHEAD_SKIP_EMULATOR:-0}" != 1 ]; then
   echo "=== CPU harness: the CUDA kernels on the SIMT emulator (CROSSHEAD_CUDA_EMULATOR=1) ==="
   export CROSSHEAD_CUDA_EMULATOR=1
   "$py" -m crosshead.info
-  "$py" -m pytest tests/test_emulator.py tests/test_ops_cuda.py tests/test_ops_cuda_mma.py tests/test_emulator_mutations.py -q -rs "$@"
+  "$py" -m pytest tests/test_emulator.py tests/test_op_checks.py tests/test_ops_cuda.py tests/test_ops_cuda_mma.py tests/test_emulator_mutations.py -q -rs "$@"
 fi

@@ -5,6 +5,7 @@
 // per-row logsumexps lse_k (B, h, L) and lse_q (B, h, N).
 #include "cuda/common.cuh"
 #include "cuda/sides.h"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -16,58 +17,26 @@ namespace {
 
 constexpr const char* kFallback = "; the pure-torch path (crosshead.reference, e.g. on CPU) serves other sizes";
 
-void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "crosshead::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == q.device(), "crosshead::", op, ": ", name, " is on ", t.device(), " but q is on ",
-              q.device());
-  TORCH_CHECK(t.dim() == 4, "crosshead::", op, ": ", name, " must have 4 dimensions, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "crosshead::", op, ": ", name, " has dtype ",
-              t.scalar_type(), " but q has ", q.scalar_type());
-}
-
 struct Dims {
   int64_t B, H, N, d, L;
 };
 
-Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& q_land, const at::Tensor& k_land, const std::optional<at::Tensor>& w_q,
-                  const std::optional<at::Tensor>& w_k, std::string_view mix) {
-  check_tensor(op, "q", q, q);
+// The ops' argument checks (op_checks.h, identical on every device), then what these kernels can do.
+Dims check_capabilities(const char* op, const at::Tensor& q, const at::Tensor& q_land) {
   const auto dt = q.scalar_type();
+  TORCH_CHECK(q.is_cuda(), "crosshead::", op, ": q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "crosshead::", op, ": q has dtype ",
-              dt, "; the CUDA kernels support float32, float16 and bfloat16 (float64 runs on the pure-torch "
-              "path crosshead.reference, e.g. on CPU)");
-  check_tensor(op, "k", k, q);
-  check_tensor(op, "v", v, q);
-  check_tensor(op, "q_land", q_land, q);
-  check_tensor(op, "k_land", k_land, q);
+              checks::dtype_name(dt), "; the CUDA kernels support float32, float16 and bfloat16 (float64 runs on "
+              "the pure-torch path crosshead.reference, e.g. on CPU)");
   Dims s{q.size(0), q.size(1), q.size(2), q.size(3), q_land.size(2)};
-  TORCH_CHECK(k.sizes() == q.sizes(), "crosshead::", op, ": k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), "crosshead::", op, ": v must have q's shape ", q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q_land.size(0) == s.B && q_land.size(1) == s.H && q_land.size(3) == s.d, "crosshead::", op,
-              ": q_land must be (B, h, L, d) with q's B, h, d, got ", q_land.sizes(), " for q ", q.sizes());
-  TORCH_CHECK(k_land.sizes() == q_land.sizes(), "crosshead::", op, ": k_land must have q_land's shape ",
-              q_land.sizes(), ", got ", k_land.sizes());
-  TORCH_CHECK(s.H >= 1 && s.H <= kMaxHeads, "crosshead::", op, ": the CUDA kernels support 1 <= h <= ", kMaxHeads,
+  TORCH_CHECK(s.H <= kMaxHeads, "crosshead::", op, ": the CUDA kernels support 1 <= h <= ", kMaxHeads,
               " heads, got h=", s.H, kFallback);
-  TORCH_CHECK(s.d >= 1 && s.d <= kMaxHeadDim, "crosshead::", op, ": the CUDA kernels support head dim 1 <= d <= ",
-              kMaxHeadDim, ", got d=", s.d, kFallback);
-  TORCH_CHECK(s.L >= 1 && s.L <= kMaxLandmarks, "crosshead::", op, ": the CUDA kernels support 1 <= L <= ",
-              kMaxLandmarks, " landmarks (q_land.size(2)), got L=", s.L, kFallback);
-  TORCH_CHECK(s.N >= 1 || s.B == 0, "crosshead::", op, ": q needs at least one token, got N=", s.N);
+  TORCH_CHECK(s.d <= kMaxHeadDim, "crosshead::", op, ": the CUDA kernels support head dim 1 <= d <= ", kMaxHeadDim,
+              ", got d=", s.d, kFallback);
+  TORCH_CHECK(s.L <= kMaxLandmarks, "crosshead::", op, ": the CUDA kernels support 1 <= L <= ", kMaxLandmarks,
+              " landmarks (q_land.size(2)), got L=", s.L, kFallback);
   TORCH_CHECK(s.B <= 65535 && s.N < (int64_t(1) << 31), "crosshead::", op, ": batch ", s.B, " or tokens ", s.N,
               " too large for the CUDA kernels (B <= 65535, N < 2^31)");
-  for (auto [name, w] : {std::pair{"w_q", &w_q}, std::pair{"w_k", &w_k}}) {
-    if (!w->has_value()) continue;
-    const at::Tensor& t = w->value();
-    TORCH_CHECK(t.device() == q.device(), "crosshead::", op, ": ", name, " is on ", t.device(),
-                " but q is on ", q.device());
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == s.H && t.size(1) == s.H, "crosshead::", op, ": ", name,
-                " must be (h, h) = (", s.H, ", ", s.H, "), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == dt, "crosshead::", op, ": ", name,
-                " has dtype ", t.scalar_type(), "; it must be float32 or q's dtype ", dt);
-  }
-  TORCH_CHECK(mix == "post" || mix == "pre", "crosshead::", op, ": mix must be 'post' or 'pre', got '", mix, "'");
   return s;
 }
 
@@ -85,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> imhsa_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_land,
     const at::Tensor& k_land, const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
     c10::string_view mix, double scale) {
-  const Dims s = check_inputs("imhsa", q, k, v, q_land, k_land, w_q, w_k, mix);
+  checks::imhsa("imhsa", q, k, v, q_land, k_land, w_q, w_k, mix, scale);
+  const Dims s = check_capabilities("imhsa", q, q_land);
   c10::cuda::CUDAGuard guard(q.device());
   const bool pre = mix == "pre";
   auto fopt = q.options().dtype(at::kFloat);
@@ -109,19 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& w_k, const at::Tensor& z, const at::Tensor& lse_k, const at::Tensor& lse_q,
     c10::string_view mix, double scale) {
   const char* op = "imhsa_backward";
-  const Dims s = check_inputs(op, q, k, v, q_land, k_land, w_q, w_k, mix);
-  check_tensor(op, "grad_out", grad_out, q);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "crosshead::imhsa_backward: grad_out must have q's shape ",
-              q.sizes(), ", got ", grad_out.sizes());
-  for (auto [name, t, shape] : {std::tuple{"z", &z, std::vector<int64_t>{s.B, s.H, s.L, s.d}},
-                                std::tuple{"lse_k", &lse_k, std::vector<int64_t>{s.B, s.H, s.L}},
-                                std::tuple{"lse_q", &lse_q, std::vector<int64_t>{s.B, s.H, s.N}}}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == q.device() && t->scalar_type() == at::kFloat &&
-                    t->sizes() == at::IntArrayRef(shape),
-                "crosshead::imhsa_backward: ", name, " must be the float32 ", at::IntArrayRef(shape),
-                " tensor the forward returned on q's device, got ", t->scalar_type(), " ", t->sizes(), " on ",
-                t->device());
-  }
+  checks::imhsa_backward(grad_out, q, k, v, q_land, k_land, w_q, w_k, z, lse_k, lse_q, mix, scale);
+  const Dims s = check_capabilities(op, q, q_land);
   c10::cuda::CUDAGuard guard(q.device());
   const bool pre = mix == "pre";
   auto opt = q.options();

@@ -2,6 +2,7 @@
 // 1-D sequence, the first `prefix` tokens left out; and its adjoint. A 1-D sequence is the grid
 // (1, n) pooled to (1, L). One thread per output element, float32 sums, no atomics.
 #include "cuda/common.cuh"
+#include "op_checks.h"
 
 #include <torch/library.h>
 
@@ -76,27 +77,24 @@ __global__ void landmarks_backward_kernel(const T* __restrict__ grad, int64_t sb
   }
 }
 
-PoolGeom geometry(const char* fn, int64_t n_tok, c10::SymIntArrayRef grid, at::IntArrayRef size,
-                  int64_t prefix) {
-  TORCH_CHECK(prefix >= 0 && prefix < n_tok, "crosshead::", fn, ": prefix must be in [0, N), got prefix=",
-              prefix, " with N=", n_tok);
+// The geometry after the ops' argument checks (op_checks.h): grid [] pools the N - prefix tokens as
+// one row.
+PoolGeom geometry(int64_t n_tok, const std::vector<int64_t>& grid, at::IntArrayRef size, int64_t prefix) {
   PoolGeom g;
   g.prefix = static_cast<int>(prefix);
   if (grid.empty()) {
-    TORCH_CHECK(size.size() == 1, "crosshead::", fn, ": with grid=[] (1-D tokens) size must be [L], got ", size);
     g.gh = 1, g.gw = static_cast<int>(n_tok - prefix), g.lh = 1, g.lw = static_cast<int>(size[0]);
   } else {
-    TORCH_CHECK(grid.size() == 2 && size.size() == 2, "crosshead::", fn,
-                ": grid must be [H, W] and size [Lh, Lw], got grid of ", grid.size(), " and size ", size);
-    g.gh = static_cast<int>(grid[0].expect_int()), g.gw = static_cast<int>(grid[1].expect_int());
+    g.gh = static_cast<int>(grid[0]), g.gw = static_cast<int>(grid[1]);
     g.lh = static_cast<int>(size[0]), g.lw = static_cast<int>(size[1]);
-    TORCH_CHECK(int64_t(g.gh) * g.gw == n_tok - prefix, "crosshead::", fn, ": grid ", g.gh, "x", g.gw,
-                " must hold the N - prefix = ", n_tok - prefix, " grid tokens");
   }
-  TORCH_CHECK(g.gh >= 1 && g.gw >= 1 && g.lh >= 1 && g.lw >= 1 && g.lh <= g.gh && g.lw <= g.gw,
-              "crosshead::", fn, ": size ", size, " must be positive and no larger than the grid (",
-              g.gh, ", ", g.gw, ")");
   return g;
+}
+
+std::vector<int64_t> concrete(c10::SymIntArrayRef grid) {
+  std::vector<int64_t> out;
+  for (const c10::SymInt& v : grid) out.push_back(v.expect_int());
+  return out;
 }
 
 int blocks_for(int64_t total) {
@@ -105,11 +103,12 @@ int blocks_for(int64_t total) {
 
 at::Tensor landmarks_cuda(const at::Tensor& x, c10::SymIntArrayRef grid, at::IntArrayRef size,
                           c10::SymInt prefix_) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "crosshead::landmarks: x must be a (B, h, N, d) CUDA tensor, got ",
-              x.sizes(), " on ", x.device());
+  const std::vector<int64_t> grid_ = concrete(grid);
+  checks::landmarks(x, grid_, size, prefix_.expect_int());
+  TORCH_CHECK(x.is_cuda(), "crosshead::landmarks: x must be a CUDA tensor, got device ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), H = x.size(1), N = x.size(2), d = x.size(3);
-  PoolGeom g = geometry("landmarks", N, grid, size, prefix_.expect_int());
+  PoolGeom g = geometry(N, grid_, size, prefix_.expect_int());
   const int64_t L = int64_t(g.lh) * g.lw;
   at::Tensor out = at::empty({B, H, L, d}, x.options());
   const int64_t total = out.numel();
@@ -127,13 +126,13 @@ at::Tensor landmarks_cuda(const at::Tensor& x, c10::SymIntArrayRef grid, at::Int
 
 at::Tensor landmarks_backward_cuda(const at::Tensor& grad, c10::SymInt num_tokens, c10::SymIntArrayRef grid,
                                    at::IntArrayRef size, c10::SymInt prefix_) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 4,
-              "crosshead::landmarks_backward: grad must be a (B, h, L, d) CUDA tensor, got ", grad.sizes());
+  const std::vector<int64_t> grid_ = concrete(grid);
+  const int64_t n_tok = num_tokens.expect_int();
+  checks::landmarks_backward(grad, n_tok, grid_, size, prefix_.expect_int());
+  TORCH_CHECK(grad.is_cuda(), "crosshead::landmarks_backward: grad must be a CUDA tensor, got device ", grad.device());
   c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t B = grad.size(0), H = grad.size(1), d = grad.size(3), n_tok = num_tokens.expect_int();
-  PoolGeom g = geometry("landmarks_backward", n_tok, grid, size, prefix_.expect_int());
-  TORCH_CHECK(grad.size(2) == int64_t(g.lh) * g.lw, "crosshead::landmarks_backward: grad has ", grad.size(2),
-              " landmarks but size ", size, " makes ", int64_t(g.lh) * g.lw);
+  const int64_t B = grad.size(0), H = grad.size(1), d = grad.size(3);
+  PoolGeom g = geometry(n_tok, grid_, size, prefix_.expect_int());
   at::Tensor out = at::empty({B, H, n_tok, d}, grad.options());
   const int64_t total = out.numel();
   if (total == 0) return out;
