@@ -1,5 +1,10 @@
-"""Builds crosshead._C from csrc/: the op schemas always, the CUDA kernels when a CUDA toolchain and a
-CUDA build of torch are present (or FORCE_CUDA=1). Every decision is printed.
+"""Builds crosshead._C_<tag> from csrc/: the op schemas always, the CUDA kernels when a CUDA toolchain
+and a CUDA build of torch are present (or FORCE_CUDA=1). Every decision is printed.
+
+The tag names the torch the library is built against (crosshead/_toolchain.py: torch_tag, e.g.
+_C_torch2_13_0_cpu), and the loader imports the library of the running torch; so environments with
+different torch builds that install the same checkout in place (tools/venv.sh cpu / cuda) each keep
+their own library, and their intermediate files go to build/<tag>.
 
 Environment:
   FORCE_CUDA=1                 build the CUDA sources even if the checks below fail
@@ -27,7 +32,7 @@ def say(msg):
 def extensions():
     if os.environ.get("CROSSHEAD_SKIP_BUILD") == "1":
         say("CROSSHEAD_SKIP_BUILD=1: no compiled library; the ops will be served by the pure-torch path")
-        return [], {}
+        return [], {}, {}
     spec = importlib.util.spec_from_file_location("_toolchain", ROOT / "crosshead" / "_toolchain.py")
     toolchain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toolchain)
@@ -35,8 +40,16 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+    built_for = (torch.__version__, torch.version.cuda, getattr(torch.version, "hip", None))
+    name = "crosshead." + toolchain.library_name(*built_for)  # the loader computes the same name
+    # each torch build its own build directory: no intermediate files shared, no stale library of
+    # another torch in a wheel
+    options = {"build": {"build_base": str(Path("build") / toolchain.torch_tag(*built_for))}}
+    say(f"building {name} for {toolchain.describe_torch(*built_for)}")
+
     debug = os.environ.get("DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]  # no -std: torch picks the standard its headers need
+    cxx.append(toolchain.built_for_flag(toolchain.describe_torch(*built_for)))
     sources = [str(p.relative_to(ROOT)) for p in (CSRC / "crosshead.cpp", CSRC / "python_module.cpp")]
 
     if os.environ.get("CROSSHEAD_SKIP_CUDA_BUILD") == "1":
@@ -56,8 +69,8 @@ def extensions():
 
     include_dirs = [str(CSRC)]
     if not use_cuda:
-        ext = CppExtension("crosshead._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
-        return [ext], {"build_ext": BuildExtension}
+        ext = CppExtension(name, sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return [ext], {"build_ext": BuildExtension}, options
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     say(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -68,13 +81,14 @@ def extensions():
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]
     nvcc += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
-    ext = CUDAExtension("crosshead._C", sources + cuda_sources, include_dirs=include_dirs,
+    ext = CUDAExtension(name, sources + cuda_sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": BuildExtension}, options
 
 
-ext_modules, cmdclass = extensions()
+ext_modules, cmdclass, options = extensions()
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    options=options,
 )

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 
 import crosshead
 
-from . import _emulator, _library
+from . import _emulator, _library, _toolchain
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,6 +68,13 @@ def report() -> str:
             cap = torch.cuda.get_device_capability(i)
             lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
     lines.append(f"operator library: {_library.mode} ({_library.detail})")
+    if _library.mode == "compiled":
+        built_for = _toolchain.read_built_for(_library.library) or "unknown (no build record)"
+        lines.append(f"compiled library built for: {built_for}")
+        loaded = Path(_library.library).resolve()
+        others = [p.name for p in _library.compiled_libraries() if p.resolve() != loaded]
+        if others:
+            lines.append(f"not loaded, built for other torch or Python builds: {', '.join(others)}")
     if _library.emulated:
         lines.append(f"CUDA emulator: {_emulator.library} (serves the CPU key; csrc/cuda/README.md)")
     ops = ", ".join(f"{op} [{'+'.join(k for k in ('CPU', 'CUDA') if _library.has_kernel(op, k))}]"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) .venv-<flavor> in the repository root with torch and crosshead installed
-# in development mode, the compiled library built against that torch.
+# in development mode, the compiled library built against that torch. Both flavors build in place,
+# each its own library (crosshead/_C_<torch tag>.*.so, README "Install"), so neither breaks the other.
 #   cpu:  torch 2.13.0, the CPU build (no CUDA kernels are compiled)
 #   cuda: torch 2.14.1 + torchvision 0.29.1, the CUDA 13.0 builds (CUDA kernels compiled for
 #         TORCH_CUDA_ARCH_LIST, default "8.0;9.0", whenever nvcc is found; they run only on a GPU)
