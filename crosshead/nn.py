@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, _validate
 from .ops import imhsa, landmarks
 
 
@@ -24,30 +24,34 @@ class InteractiveMultiheadAttention(nn.Module):
         num_prefix_tokens (int): leading tokens (CLS, registers) kept out of pooling. Default: 0.
         interaction (bool): learn the (h, h) cross-head maps w_q and w_k, initialised to the identity
             (a fresh layer is plain two-hop landmark attention); False drops them. Default: True.
-        scale (float, optional): logit scale; None means head_dim^-1/2. Default: None.
+        scale (float, optional): logit scale, finite and positive; None means head_dim^-1/2.
+            Default: None.
 
-    ``forward(x, grid=None)``: x (B, N, dim) → (B, N, dim). ``grid=(H, W)`` gives the token grid of
-    the N − num_prefix_tokens grid tokens; with 2-D landmarks and grid=None a square grid is assumed
-    (an error if N − num_prefix_tokens is not a square), which is what lets the module replace the
-    attention of a timm ViT block, whose blocks call ``attn(x)``.
+    Every argument is checked here, with an error that names it (a bad one does not wait for the
+    first forward).
+
+    ``forward(x, grid=None)``: x (B, N, dim) → (B, N, dim); B = 0 works. ``grid=(H, W)`` gives the
+    token grid of the N − num_prefix_tokens grid tokens; with 2-D landmarks and grid=None a square
+    grid is assumed (an error if N − num_prefix_tokens is not a square), which is what lets the
+    module replace the attention of a timm ViT block, whose blocks call ``attn(x)``.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, landmarks: tuple[int, int] | int = (7, 7),
                  mix: str = "post", qkv_bias: bool = True, proj_bias: bool = True,
                  num_prefix_tokens: int = 0, interaction: bool = True, scale: float | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if mix not in _checks.MIX_MODES:
+        dim, num_heads = _validate.dim_and_heads("dim", dim, "num_heads", num_heads)
+        if not isinstance(mix, str) or mix not in _checks.MIX_MODES:
             raise ValueError(f"mix must be 'post' or 'pre', got {mix!r}")
-        if num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.landmarks = landmarks if isinstance(landmarks, int) else tuple(landmarks)
+        self.landmarks = _validate.landmark_size("landmarks", landmarks)
         self.mix = mix
-        self.num_prefix_tokens = num_prefix_tokens
-        self.scale = scale
+        self.num_prefix_tokens = _validate.non_negative_int("num_prefix_tokens", num_prefix_tokens)
+        self.scale = _validate.scale("scale", scale)
+        qkv_bias = _validate.boolean("qkv_bias", qkv_bias)
+        proj_bias = _validate.boolean("proj_bias", proj_bias)
+        interaction = _validate.boolean("interaction", interaction)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         if interaction:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..nn import InteractiveMultiheadAttention
 
 _IMHSA = {"imhsa_post": dict(mix="post", interaction=True),
@@ -50,9 +51,8 @@ class SoftmaxAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  scale: float | None = None, **_unused):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim, self.scale = num_heads, dim // num_heads, scale
+        dim, num_heads = _validate.dim_and_heads("dim", dim, "num_heads", num_heads)
+        self.num_heads, self.head_dim, self.scale = num_heads, dim // num_heads, _validate.scale("scale", scale)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
