@@ -11,6 +11,54 @@ from . import _checks, _validate
 from .ops import imhsa, landmarks
 
 
+def symbolic_isqrt(n, message: str, minimum: int = 1):
+    """The integer square root of a size n that must be a perfect square (an error with ``message`` if
+    it is not), for plain ints and for symbolic sizes alike.
+
+    ``math.isqrt`` would force a symbolic size (``torch.compile`` with dynamic shapes, ``torch.export``
+    with a dynamic dimension) to one concrete value, specialising the graph to one resolution. Here the
+    candidate root is ``trunc(sqrt(float(n)))``, built with ``torch.sym_sqrt`` and ``torch.sym_int`` so
+    that it stays an expression of n, and it is then checked exactly, in integers: ``side * side == n``
+    holds for no integer side when n is not a square, and only for its root when it is. So a non-square
+    is never accepted and an accepted side is never wrong. Float rounding could at most refuse a true
+    square, and cannot up to 2^53: there float(k²) is exact, and the correctly rounded (IEEE) sqrt of
+    it is exactly k. (No tensor that fits in memory has 2^53 tokens; plain ints use ``math.isqrt``.)
+
+    How the check is enforced depends on the caller:
+
+    * eager: a ValueError(message).
+    * ``torch.compile``: a guard. Every square n runs the same graph; a non-square one fails the guard,
+      and Dynamo's retrace raises with ``message``.
+    * ``torch.export`` (non-strict, the default): "n is a square" is no range of a ``Dim``, so as a
+      guard it would make export refuse the dynamic dimension. Instead the exported program asserts
+      it on every call (a tensor assertion carrying ``message``), and the root becomes a fresh
+      (unbacked) size tied to n by ``torch._check``, which on an unbacked size records a runtime
+      assertion rather than a guard. ``minimum`` (checked only here) is a lower bound on the root that
+      later checks need to know to stay free of guards on the unbacked size (a landmark grid no
+      larger than the token grid). Strict export (``strict=True``, through Dynamo) gets the guard and
+      refuses a dynamic n.
+
+    ``message`` must be a plain string: Dynamo traces only constant messages.
+    """
+    if isinstance(n, int) and not torch.compiler.is_compiling():
+        side = math.isqrt(n) if n >= 0 else -1
+        if side * side != n:
+            raise ValueError(message)
+        return side
+    side = torch.sym_int(torch.sym_sqrt(n))
+    if isinstance(n, torch.SymInt) and torch.compiler.is_exporting():
+        # checked first as a tensor (no guard), so that a non-square N fails with this message
+        torch._assert_async(torch.scalar_tensor(side * side - n) == 0, message)
+        torch._assert_async(torch.scalar_tensor(side) >= minimum,
+                            f"the square token grid is smaller than {minimum} x {minimum}")
+        side = torch.sym_fresh_size(side)
+        torch._check(side >= minimum)
+        torch._check(side * side == n)
+        return side
+    torch._check_with(ValueError, side * side == n, lambda: message)
+    return side
+
+
 class InteractiveMultiheadAttention(nn.Module):
     """Drop-in for the attention of a ViT block, with iMHSA in place of softmax attention.
 
@@ -33,7 +81,9 @@ class InteractiveMultiheadAttention(nn.Module):
     ``forward(x, grid=None)``: x (B, N, dim) → (B, N, dim); B = 0 works. ``grid=(H, W)`` gives the
     token grid of the N − num_prefix_tokens grid tokens; with 2-D landmarks and grid=None a square
     grid is assumed (an error if N − num_prefix_tokens is not a square), which is what lets the
-    module replace the attention of a timm ViT block, whose blocks call ``attn(x)``.
+    module replace the attention of a timm ViT block, whose blocks call ``attn(x)``. The square root
+    is taken symbolically under ``torch.compile`` and ``torch.export`` (:func:`symbolic_isqrt`), so a
+    compiled or exported module serves every resolution, not only the one it was traced at.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, landmarks: tuple[int, int] | int = (7, 7),
@@ -68,11 +118,14 @@ class InteractiveMultiheadAttention(nn.Module):
     def _grid(self, n_tokens: int, grid):
         if grid is not None or isinstance(self.landmarks, int):
             return grid
-        n = n_tokens - self.num_prefix_tokens
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"{n} grid tokens (N={n_tokens} minus {self.num_prefix_tokens} prefix) do "
-                             "not form a square: pass grid=(H, W)")
+        p = self.num_prefix_tokens
+        if isinstance(n_tokens, int) and not torch.compiler.is_compiling():  # eager: name the numbers
+            message = (f"{n_tokens - p} grid tokens (N={n_tokens} minus {p} prefix) do not form a "
+                       "square: pass grid=(H, W)")
+        else:  # traced: the message must not depend on the symbolic N
+            message = f"the N - {p} grid tokens (N minus the prefix) do not form a square: pass grid=(H, W)"
+        torch._check_with(ValueError, n_tokens > p, lambda: f"x has no grid tokens after its {p} prefix tokens")
+        side = symbolic_isqrt(n_tokens - p, message, minimum=max(self.landmarks))
         return side, side
 
     def _landmark_size(self, n_tokens: int, grid):

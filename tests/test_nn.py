@@ -120,6 +120,12 @@ def test_constructor_accepts_and_normalises_good_arguments():
     assert InteractiveMultiheadAttention(32, 4, landmarks=5).landmarks == 5
 
 
+def test_forward_with_no_grid_tokens_is_refused():
+    m = InteractiveMultiheadAttention(32, num_heads=4, landmarks=(1, 1), num_prefix_tokens=2)
+    with pytest.raises(ValueError, match="no grid tokens after its 2 prefix tokens"):
+        m(torch.randn(1, 2, 32))
+
+
 def test_cpu_autocast_bfloat16():
     """Under autocast the Linear layers give bfloat16 activations while w_q, w_k stay float32."""
     m = InteractiveMultiheadAttention(32, num_heads=4, landmarks=(2, 2))

@@ -37,6 +37,8 @@ class GridInteractiveAttention(InteractiveMultiheadAttention):
     ``landmarks=(7, 7)`` on a 4×4 grid pools to 4×4 (identity pooling) instead of failing; on any grid
     at least 7×7 it is the parent module exactly (same parameters, same ops), so L stays fixed as the
     resolution grows. Needed because iViT's stage 4 is 7×7 at 224² but smaller on small inputs.
+    The landmark count is a static argument of the op, so a compiled graph or an exported program
+    serves one side of that boundary (docs/models.md).
     """
 
     def _landmark_size(self, n_tokens: int, grid):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import _validate
 from .blocks import AttentionBlock, ClassifierHead, init_weights
@@ -78,7 +79,10 @@ class DeiTIMHSA(ClassifierHead, nn.Module):
         return {"pos_embed", "cls_token"} | {n for n, _ in self.named_parameters() if n.endswith((".w_q", ".w_k"))}
 
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        if grid == (self.base_grid, self.base_grid):
+        # statically_known_true: a symbolic grid (torch.compile with dynamic shapes, torch.export) takes
+        # the resize path, which at the base grid is the identity (bicubic at scale 1 samples the table
+        # exactly), instead of guarding on the grid being 14 x 14, which would specialise the graph
+        if statically_known_true(grid[0] == self.base_grid) and statically_known_true(grid[1] == self.base_grid):
             return self.pos_embed
         cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         C = pos.shape[-1]
