@@ -19,6 +19,8 @@ def _tensor(name, t, rank):
         raise ValueError(f"{name} must have {rank} dimensions {shape}, got shape {tuple(t.shape)}")
     if t.dtype not in DTYPES:
         raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if t.shape[3] < 1:  # d = 0: no features to pool or attend with (and d^-1/2 is infinite)
+        raise ValueError(f"{name} has head dim d = 0 (shape {tuple(t.shape)}); d must be at least 1")
 
 
 def _positive_ints(name, value, count):

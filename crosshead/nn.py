@@ -7,8 +7,56 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, _validate
 from .ops import imhsa, landmarks
+
+
+def symbolic_isqrt(n, message: str, minimum: int = 1):
+    """The integer square root of a size n that must be a perfect square (an error with ``message`` if
+    it is not), for plain ints and for symbolic sizes alike.
+
+    ``math.isqrt`` would force a symbolic size (``torch.compile`` with dynamic shapes, ``torch.export``
+    with a dynamic dimension) to one concrete value, specialising the graph to one resolution. Here the
+    candidate root is ``trunc(sqrt(float(n)))``, built with ``torch.sym_sqrt`` and ``torch.sym_int`` so
+    that it stays an expression of n, and it is then checked exactly, in integers: ``side * side == n``
+    holds for no integer side when n is not a square, and only for its root when it is. So a non-square
+    is never accepted and an accepted side is never wrong. Float rounding could at most refuse a true
+    square, and cannot up to 2^53: there float(k²) is exact, and the correctly rounded (IEEE) sqrt of
+    it is exactly k. (No tensor that fits in memory has 2^53 tokens; plain ints use ``math.isqrt``.)
+
+    How the check is enforced depends on the caller:
+
+    * eager: a ValueError(message).
+    * ``torch.compile``: a guard. Every square n runs the same graph; a non-square one fails the guard,
+      and Dynamo's retrace raises with ``message``.
+    * ``torch.export`` (non-strict, the default): "n is a square" is no range of a ``Dim``, so as a
+      guard it would make export refuse the dynamic dimension. Instead the exported program asserts
+      it on every call (a tensor assertion carrying ``message``), and the root becomes a fresh
+      (unbacked) size tied to n by ``torch._check``, which on an unbacked size records a runtime
+      assertion rather than a guard. ``minimum`` (checked only here) is a lower bound on the root that
+      later checks need to know to stay free of guards on the unbacked size (a landmark grid no
+      larger than the token grid). Strict export (``strict=True``, through Dynamo) gets the guard and
+      refuses a dynamic n.
+
+    ``message`` must be a plain string: Dynamo traces only constant messages.
+    """
+    if isinstance(n, int) and not torch.compiler.is_compiling():
+        side = math.isqrt(n) if n >= 0 else -1
+        if side * side != n:
+            raise ValueError(message)
+        return side
+    side = torch.sym_int(torch.sym_sqrt(n))
+    if isinstance(n, torch.SymInt) and torch.compiler.is_exporting():
+        # checked first as a tensor (no guard), so that a non-square N fails with this message
+        torch._assert_async(torch.scalar_tensor(side * side - n) == 0, message)
+        torch._assert_async(torch.scalar_tensor(side) >= minimum,
+                            f"the square token grid is smaller than {minimum} x {minimum}")
+        side = torch.sym_fresh_size(side)
+        torch._check(side >= minimum)
+        torch._check(side * side == n)
+        return side
+    torch._check_with(ValueError, side * side == n, lambda: message)
+    return side
 
 
 class InteractiveMultiheadAttention(nn.Module):
@@ -24,30 +72,36 @@ class InteractiveMultiheadAttention(nn.Module):
         num_prefix_tokens (int): leading tokens (CLS, registers) kept out of pooling. Default: 0.
         interaction (bool): learn the (h, h) cross-head maps w_q and w_k, initialised to the identity
             (a fresh layer is plain two-hop landmark attention); False drops them. Default: True.
-        scale (float, optional): logit scale; None means head_dim^-1/2. Default: None.
+        scale (float, optional): logit scale, finite and positive; None means head_dim^-1/2.
+            Default: None.
 
-    ``forward(x, grid=None)``: x (B, N, dim) → (B, N, dim). ``grid=(H, W)`` gives the token grid of
-    the N − num_prefix_tokens grid tokens; with 2-D landmarks and grid=None a square grid is assumed
-    (an error if N − num_prefix_tokens is not a square), which is what lets the module replace the
-    attention of a timm ViT block, whose blocks call ``attn(x)``.
+    Every argument is checked here, with an error that names it (a bad one does not wait for the
+    first forward).
+
+    ``forward(x, grid=None)``: x (B, N, dim) → (B, N, dim); B = 0 works. ``grid=(H, W)`` gives the
+    token grid of the N − num_prefix_tokens grid tokens; with 2-D landmarks and grid=None a square
+    grid is assumed (an error if N − num_prefix_tokens is not a square), which is what lets the
+    module replace the attention of a timm ViT block, whose blocks call ``attn(x)``. The square root
+    is taken symbolically under ``torch.compile`` and ``torch.export`` (:func:`symbolic_isqrt`), so a
+    compiled or exported module serves every resolution, not only the one it was traced at.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, landmarks: tuple[int, int] | int = (7, 7),
                  mix: str = "post", qkv_bias: bool = True, proj_bias: bool = True,
                  num_prefix_tokens: int = 0, interaction: bool = True, scale: float | None = None):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if mix not in _checks.MIX_MODES:
+        dim, num_heads = _validate.dim_and_heads("dim", dim, "num_heads", num_heads)
+        if not isinstance(mix, str) or mix not in _checks.MIX_MODES:
             raise ValueError(f"mix must be 'post' or 'pre', got {mix!r}")
-        if num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.landmarks = landmarks if isinstance(landmarks, int) else tuple(landmarks)
+        self.landmarks = _validate.landmark_size("landmarks", landmarks)
         self.mix = mix
-        self.num_prefix_tokens = num_prefix_tokens
-        self.scale = scale
+        self.num_prefix_tokens = _validate.non_negative_int("num_prefix_tokens", num_prefix_tokens)
+        self.scale = _validate.scale("scale", scale)
+        qkv_bias = _validate.boolean("qkv_bias", qkv_bias)
+        proj_bias = _validate.boolean("proj_bias", proj_bias)
+        interaction = _validate.boolean("interaction", interaction)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         if interaction:
@@ -64,11 +118,14 @@ class InteractiveMultiheadAttention(nn.Module):
     def _grid(self, n_tokens: int, grid):
         if grid is not None or isinstance(self.landmarks, int):
             return grid
-        n = n_tokens - self.num_prefix_tokens
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"{n} grid tokens (N={n_tokens} minus {self.num_prefix_tokens} prefix) do "
-                             "not form a square: pass grid=(H, W)")
+        p = self.num_prefix_tokens
+        if isinstance(n_tokens, int) and not torch.compiler.is_compiling():  # eager: name the numbers
+            message = (f"{n_tokens - p} grid tokens (N={n_tokens} minus {p} prefix) do not form a "
+                       "square: pass grid=(H, W)")
+        else:  # traced: the message must not depend on the symbolic N
+            message = f"the N - {p} grid tokens (N minus the prefix) do not form a square: pass grid=(H, W)"
+        torch._check_with(ValueError, n_tokens > p, lambda: f"x has no grid tokens after its {p} prefix tokens")
+        side = symbolic_isqrt(n_tokens - p, message, minimum=max(self.landmarks))
         return side, side
 
     def _landmark_size(self, n_tokens: int, grid):

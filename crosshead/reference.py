@@ -11,6 +11,8 @@ Shapes: q, k, v (B, h, N, d); q_land, k_land (B, h, L, d); w_q, w_k (h, h) or No
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,7 @@ def landmarks(x: Tensor, grid: list[int], size: list[int], prefix: int) -> Tenso
         (H, W), Lh = dims, size[0]
         t = torch.matmul(mats[0], t.reshape(B, h, H, W * d)).reshape(B, h, Lh, W, d)
         out = torch.matmul(mats[1], t)  # (Lw, W) @ (B, h, Lh, W, d)
-    return out.reshape(B, h, -1, d).to(x.dtype)
+    return out.reshape(B, h, math.prod(size), d).to(x.dtype)  # not -1: B = 0 must work
 
 
 def landmarks_backward(grad: Tensor, num_tokens: int, grid: list[int], size: list[int],

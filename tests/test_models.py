@@ -191,3 +191,54 @@ def test_landmarks_fixed_so_attention_flops_are_linear():
 def test_no_weight_decay_names():
     model = M.deit_imhsa_tiny(depth=2)
     assert {"pos_embed", "cls_token", "blocks.0.attn.w_q", "blocks.1.attn.w_k"} <= model.no_weight_decay()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(embed_dim=100), r"embed_dim=100 must be divisible by num_heads=3"),
+    (dict(embed_dim=0), r"embed_dim must be a positive int"),
+    (dict(num_heads=0), r"num_heads must be a positive int"),
+    (dict(depth=0), r"depth must be a positive int"),
+    (dict(depth=2.5), r"depth must be a positive int"),
+    (dict(patch_size=0), r"patch_size must be a positive int"),
+    (dict(img_size=100), r"img_size=100 must be a multiple of patch_size=16"),
+    (dict(img_size=(224, 224)), r"img_size must be a positive int"),
+    (dict(landmarks=7), r"landmarks must be a pair \(Lh, Lw\)"),
+    (dict(landmarks=(0, 7)), r"landmarks must be positive"),
+    (dict(num_classes=-1), r"num_classes must be a non-negative int"),
+    (dict(in_chans=0), r"in_chans must be a positive int"),
+    (dict(mlp_ratio=0), r"mlp_ratio must be a finite positive number"),
+    (dict(drop_rate=1.0), r"drop_rate must be a number in \[0, 1\)"),
+    (dict(drop_path_rate=-0.1), r"drop_path_rate must be a number in \[0, 1\)"),
+])
+def test_deit_constructor_refuses_bad_arguments_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.deit_imhsa_tiny(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dims=(16, 32, 64)), r"dims must be 4 ints"),
+    (dict(dims=(1, 32, 64, 128)), r"dims must be >= 2"),
+    (dict(dims="abcd"), r"dims must be 4 ints"),
+    (dict(depths=(1, -1, 2, 1)), r"depths must be >= 0"),
+    (dict(num_heads=(4,)), r"num_heads must be 2 ints"),
+    (dict(num_heads=(5, 8)), r"dims\[2\]=64 must be divisible by num_heads\[0\]=5"),
+    (dict(num_heads=(4, 0)), r"num_heads must be positive"),
+    (dict(landmarks=(7, 7.5)), r"landmarks must be"),
+    (dict(landmarks=7), r"landmarks must be a pair \(Lh, Lw\)"),
+    (dict(num_classes=2.0), r"num_classes must be a non-negative int"),
+    (dict(in_chans=0), r"in_chans must be a positive int"),
+    (dict(mlp_ratio=float("nan")), r"mlp_ratio must be a finite positive number"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be a number in \[0, 1\)"),
+])
+def test_ivit_constructor_refuses_bad_arguments_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.ivit_tiny(**{**SMALL_IVIT, **kwargs})
+
+
+def test_softmax_attention_refuses_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        SoftmaxAttention(32, 0)
+    with pytest.raises(ValueError, match="dim=30 must be divisible by num_heads=4"):
+        SoftmaxAttention(30, 4)
+    with pytest.raises(ValueError, match="scale must be None or a finite positive float"):
+        SoftmaxAttention(32, 4, scale=float("nan"))

@@ -79,6 +79,53 @@ def test_constructor_and_forward_errors():
         m(torch.randn(1, 49, 32), is_causal=True)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_heads=0), r"num_heads must be a positive int, got 0"),
+    (dict(num_heads=-4), r"num_heads must be a positive int"),
+    (dict(num_heads=4.0), r"num_heads must be a positive int"),
+    (dict(num_heads=True), r"num_heads must be a positive int"),
+    (dict(dim=0), r"dim must be a positive int"),
+    (dict(dim=32.0), r"dim must be a positive int"),
+    (dict(dim=30), r"dim=30 must be divisible by num_heads=4"),
+    (dict(landmarks=(0, 7)), r"landmarks must be positive, got \(0, 7\)"),
+    (dict(landmarks=-3), r"landmarks must be a positive int"),
+    (dict(landmarks=0), r"landmarks must be a positive int"),
+    (dict(landmarks="7x7"), r"landmarks must be a positive int L .* or a pair"),
+    (dict(landmarks=True), r"landmarks must be"),
+    (dict(landmarks=(7.0, 7)), r"landmarks must be"),
+    (dict(landmarks=(7, 7, 7)), r"landmarks must be"),
+    (dict(mix="mid"), r"mix must be 'post' or 'pre'"),
+    (dict(mix=None), r"mix must be 'post' or 'pre'"),
+    (dict(num_prefix_tokens=1.5), r"num_prefix_tokens must be a non-negative int, got 1.5"),
+    (dict(num_prefix_tokens=-1), r"num_prefix_tokens must be a non-negative int"),
+    (dict(num_prefix_tokens=True), r"num_prefix_tokens must be a non-negative int"),
+    (dict(scale=float("nan")), r"scale must be None or a finite positive float, got nan"),
+    (dict(scale=float("inf")), r"scale must be None or a finite positive float"),
+    (dict(scale=0.0), r"scale must be None or a finite positive float"),
+    (dict(scale=-0.5), r"scale must be None or a finite positive float"),
+    (dict(scale="0.5"), r"scale must be None or a finite positive float"),
+    (dict(qkv_bias=1), r"qkv_bias must be a bool"),
+    (dict(proj_bias=None), r"proj_bias must be a bool"),
+    (dict(interaction="no"), r"interaction must be a bool"),
+])
+def test_constructor_refuses_bad_arguments_by_name(kwargs, match):
+    kwargs = {"dim": 32, "num_heads": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        InteractiveMultiheadAttention(**kwargs)
+
+
+def test_constructor_accepts_and_normalises_good_arguments():
+    m = InteractiveMultiheadAttention(32, 4, landmarks=[3, 4], scale=1, num_prefix_tokens=2)
+    assert m.landmarks == (3, 4) and m.scale == 1.0 and isinstance(m.scale, float)
+    assert InteractiveMultiheadAttention(32, 4, landmarks=5).landmarks == 5
+
+
+def test_forward_with_no_grid_tokens_is_refused():
+    m = InteractiveMultiheadAttention(32, num_heads=4, landmarks=(1, 1), num_prefix_tokens=2)
+    with pytest.raises(ValueError, match="no grid tokens after its 2 prefix tokens"):
+        m(torch.randn(1, 2, 32))
+
+
 def test_cpu_autocast_bfloat16():
     """Under autocast the Linear layers give bfloat16 activations while w_q, w_k stay float32."""
     m = InteractiveMultiheadAttention(32, num_heads=4, landmarks=(2, 2))

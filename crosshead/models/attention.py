@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate
 from ..nn import InteractiveMultiheadAttention
 
 _IMHSA = {"imhsa_post": dict(mix="post", interaction=True),
@@ -36,6 +37,8 @@ class GridInteractiveAttention(InteractiveMultiheadAttention):
     ``landmarks=(7, 7)`` on a 4×4 grid pools to 4×4 (identity pooling) instead of failing; on any grid
     at least 7×7 it is the parent module exactly (same parameters, same ops), so L stays fixed as the
     resolution grows. Needed because iViT's stage 4 is 7×7 at 224² but smaller on small inputs.
+    The landmark count is a static argument of the op, so a compiled graph or an exported program
+    serves one side of that boundary (docs/models.md).
     """
 
     def _landmark_size(self, n_tokens: int, grid):
@@ -50,9 +53,8 @@ class SoftmaxAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_bias: bool = True,
                  scale: float | None = None, **_unused):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim, self.scale = num_heads, dim // num_heads, scale
+        dim, num_heads = _validate.dim_and_heads("dim", dim, "num_heads", num_heads)
+        self.num_heads, self.head_dim, self.scale = num_heads, dim // num_heads, _validate.scale("scale", scale)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import _validate
 from .blocks import AttentionBlock, ClassifierHead, init_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,6 +45,19 @@ class DeiTIMHSA(ClassifierHead, nn.Module):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        embed_dim, num_heads = _validate.dim_and_heads("embed_dim", embed_dim, "num_heads", num_heads)
+        depth = _validate.positive_int("depth", depth)
+        patch_size = _validate.positive_int("patch_size", patch_size)
+        img_size = _validate.positive_int("img_size", img_size)
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} (the position "
+                             "table covers the img_size / patch_size grid)")
+        num_classes = _validate.non_negative_int("num_classes", num_classes)
+        in_chans = _validate.positive_int("in_chans", in_chans)
+        landmarks = _validate.landmark_pair("landmarks", landmarks)
+        mlp_ratio = _validate.positive_float("mlp_ratio", mlp_ratio)
+        drop_rate = _validate.probability("drop_rate", drop_rate)
+        drop_path_rate = _validate.probability("drop_path_rate", drop_path_rate)
         self.num_classes, self.num_features, self.head_hidden_size = num_classes, embed_dim, embed_dim
         self.global_pool, self.num_prefix_tokens, self.attn_name = global_pool, 1, attn
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -64,7 +79,10 @@ class DeiTIMHSA(ClassifierHead, nn.Module):
         return {"pos_embed", "cls_token"} | {n for n, _ in self.named_parameters() if n.endswith((".w_q", ".w_k"))}
 
     def _pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        if grid == (self.base_grid, self.base_grid):
+        # statically_known_true: a symbolic grid (torch.compile with dynamic shapes, torch.export) takes
+        # the resize path, which at the base grid is the identity (bicubic at scale 1 samples the table
+        # exactly), instead of guarding on the grid being 14 x 14, which would specialise the graph
+        if statically_known_true(grid[0] == self.base_grid) and statically_known_true(grid[1] == self.base_grid):
             return self.pos_embed
         cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         C = pos.shape[-1]

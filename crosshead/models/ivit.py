@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
 from .blocks import AttentionBlock, ClassifierHead, ConvBlock, FeatureInfo, LayerNorm2d, init_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -96,6 +97,18 @@ class IViT(ClassifierHead, nn.Module):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        dims = _validate.int_sequence("dims", dims, 4, minimum=2)  # the stem's first conv has dims[0] // 2
+        depths = _validate.int_sequence("depths", depths, 4, minimum=0)
+        num_heads = _validate.int_sequence("num_heads", num_heads, 2)
+        for i, (dim, heads) in enumerate(zip(dims[2:], num_heads)):
+            if dim % heads:
+                raise ValueError(f"dims[{i + 2}]={dim} must be divisible by num_heads[{i}]={heads}")
+        num_classes = _validate.non_negative_int("num_classes", num_classes)
+        in_chans = _validate.positive_int("in_chans", in_chans)
+        landmarks = _validate.landmark_pair("landmarks", landmarks)
+        mlp_ratio = _validate.positive_float("mlp_ratio", mlp_ratio)
+        drop_rate = _validate.probability("drop_rate", drop_rate)
+        drop_path_rate = _validate.probability("drop_path_rate", drop_path_rate)
         self.dims, self.depths, self.attn_name = tuple(dims), tuple(depths), attn
         self.num_classes, self.num_features, self.global_pool = num_classes, dims[-1], global_pool
         self.head_hidden_size = dims[-1]
