@@ -94,3 +94,11 @@ def probability(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def model_head_args(num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate):
+    """The arguments every crosshead model shares, checked: (num_classes, in_chans, landmarks,
+    mlp_ratio, drop_rate, drop_path_rate)."""
+    return (non_negative_int("num_classes", num_classes), positive_int("in_chans", in_chans),
+            landmark_pair("landmarks", landmarks), positive_float("mlp_ratio", mlp_ratio),
+            probability("drop_rate", drop_rate), probability("drop_path_rate", drop_path_rate))

@@ -52,12 +52,8 @@ class DeiTIMHSA(ClassifierHead, nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} must be a multiple of patch_size={patch_size} (the position "
                              "table covers the img_size / patch_size grid)")
-        num_classes = _validate.non_negative_int("num_classes", num_classes)
-        in_chans = _validate.positive_int("in_chans", in_chans)
-        landmarks = _validate.landmark_pair("landmarks", landmarks)
-        mlp_ratio = _validate.positive_float("mlp_ratio", mlp_ratio)
-        drop_rate = _validate.probability("drop_rate", drop_rate)
-        drop_path_rate = _validate.probability("drop_path_rate", drop_path_rate)
+        num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate = _validate.model_head_args(
+            num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate)
         self.num_classes, self.num_features, self.head_hidden_size = num_classes, embed_dim, embed_dim
         self.global_pool, self.num_prefix_tokens, self.attn_name = global_pool, 1, attn
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)

@@ -103,12 +103,8 @@ class IViT(ClassifierHead, nn.Module):
         for i, (dim, heads) in enumerate(zip(dims[2:], num_heads)):
             if dim % heads:
                 raise ValueError(f"dims[{i + 2}]={dim} must be divisible by num_heads[{i}]={heads}")
-        num_classes = _validate.non_negative_int("num_classes", num_classes)
-        in_chans = _validate.positive_int("in_chans", in_chans)
-        landmarks = _validate.landmark_pair("landmarks", landmarks)
-        mlp_ratio = _validate.positive_float("mlp_ratio", mlp_ratio)
-        drop_rate = _validate.probability("drop_rate", drop_rate)
-        drop_path_rate = _validate.probability("drop_path_rate", drop_path_rate)
+        num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate = _validate.model_head_args(
+            num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate)
         self.dims, self.depths, self.attn_name = tuple(dims), tuple(depths), attn
         self.num_classes, self.num_features, self.global_pool = num_classes, dims[-1], global_pool
         self.head_hidden_size = dims[-1]
