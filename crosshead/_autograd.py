@@ -14,6 +14,7 @@ Function when an input requires grad *or* carries a tangent.
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
+from torch.autograd.function import _SingleLevelFunction
 
 from . import _forward_ad
 
@@ -31,11 +32,12 @@ def _needs_autograd(args) -> bool:
 
 
 def _apply(function, *args):
-    """autograd.Function's own apply, bypassing torch.func's custom_function_call: this runs inside
-    the op's Autograd kernel, where torch.func has already unwrapped its transform for the op (as for
-    any built-in op), so the Function must act as an ordinary autograd node here."""
+    """The Functions below are single-level (torch.autograd.function._SingleLevelFunction, as
+    torch.func's own generated ones): they run inside the op's Autograd kernel, where torch.func has
+    already unwrapped its transform for the op (as for any built-in op), so they must act as an
+    ordinary autograd node there rather than re-enter torch.func's custom_function_call."""
     with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, function).apply(*args)
+        return function.apply(*args)
 
 
 def _below_autograd(op, keyset, args):
@@ -43,7 +45,7 @@ def _below_autograd(op, keyset, args):
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-class Landmarks(torch.autograd.Function):
+class Landmarks(_SingleLevelFunction):
     @staticmethod
     def forward(x, grid, size, prefix):
         with torch._C._AutoDispatchBelowAutograd():
@@ -63,7 +65,7 @@ class Landmarks(torch.autograd.Function):
         return _ops.landmarks(x_t, ctx.grid, ctx.size, ctx.prefix)  # linear in x
 
 
-class Imhsa(torch.autograd.Function):
+class Imhsa(_SingleLevelFunction):
     @staticmethod
     def forward(q, k, v, q_land, k_land, w_q, w_k, mix, scale):
         with torch._C._AutoDispatchBelowAutograd():
@@ -105,7 +107,7 @@ def _imhsa_kernel(keyset, *args):
     return _below_autograd(_ops.imhsa.default, keyset, args)
 
 
-class _Underivable(torch.autograd.Function):
+class _Underivable(_SingleLevelFunction):
     """Runs a backward op; differentiating its result raises (double backward is not supported)."""
 
     @staticmethod
