@@ -318,9 +318,12 @@ def main(argv=None) -> int:
     bar.close()
     add_costs(cfg, records, roof)
     results = {"machine": head, "config": cfg.to_dict(), "roofline": roof, "records": records,
-               "comparison": report.comparison(records), "wall_s": time.time() - t_start,
+               "comparison": report.comparison(records), "pure_torch": report.pure_torch(records),
+               "wall_s": time.time() - t_start,
                "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     paths = report.write_all(results, args.out, tag, plots=not args.no_plots)
     print(report.comparison_text(results["comparison"]))
+    if results["pure_torch"]:
+        print(report.pure_torch_text(results["pure_torch"]))
     print(f"wrote {', '.join(str(p) for p in paths)} in {results['wall_s']:.0f} s")
     return 0
