@@ -139,7 +139,7 @@ def landmarks_backward(grad: Tensor, num_tokens: int, grid: list[int], size: lis
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MIX_CHUNK_BYTES = 1 << 18  # in-place mixing goes through a scratch block this size (in L2)
+MIX_CHUNK_BYTES = 1 << 20  # in-place mixing goes through a scratch block this size (in L2)
 
 
 def _free(*tensors) -> bool:
