@@ -168,6 +168,15 @@ def _pure_torch_section(rows: list[dict]) -> list[str]:
                   "pure-torch path is faster.", ""]
 
 
+def _clock_text(cfg: dict) -> str:
+    if cfg["device"] == "cuda":
+        return "CUDA events"
+    if cfg.get("clock") == "cpu":
+        return ("CPU time of the timing thread, time.thread_time: the run had one thread, and other "
+                "processes on this shared machine held the cores part of the time")
+    return "time.perf_counter"
+
+
 def markdown(results: dict) -> str:
     head, cfg, roof, records = results["machine"], results["config"], results["roofline"], results["records"]
     dev = head.get("gpu") or head["cpu"]
@@ -196,7 +205,7 @@ def markdown(results: dict) -> str:
             f"dtype {cfg['dtype']}; N = side² for side in {list(cfg['grids'])}. "
             f"Times are the median (p20–p80 in the JSON and the last table) of at least {cfg['min_reps']} "
             f"timed calls after {cfg['warmup']} warm-up call(s), repeated for up to {cfg['budget_s']:g} s "
-            f"({'CUDA events' if cfg['device'] == 'cuda' else 'time.perf_counter'}). "
+            f"({_clock_text(cfg)}). "
             "`fwd` runs under torch.no_grad(); `fwdbwd` is forward plus backward of a fixed random "
             "gradient into every input and parameter. Peak memory is the call's own peak above what was "
             "allocated before it (inputs and weights excluded). \"op\" rows take (B, h, N, d) q, k, v; "

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add every crosshead.baselines mechanism as a module-level contender")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; default: every core (1 with --quick)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timer: wall time, or the timing thread's CPU time (needs --threads 1; "
+                        "on a shared machine it leaves out the time other processes hold the core)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--min-reps", type=int, default=None)
     p.add_argument("--max-reps", type=int, default=None)
@@ -98,13 +101,16 @@ def make_config(args):
     for n in names:
         contenders.get(n)  # unknown names fail here, before anything runs
     cap = args.mem_cap * GiB if args.mem_cap else int(0.75 * memory.available_bytes())
+    threads = args.threads or (1 if quick else len(os.sched_getaffinity(0)))
+    if args.clock == "cpu" and (gpu or threads != 1):
+        raise SystemExit("--clock cpu times one CPU thread: it needs --device cpu and --threads 1")
     return Config(
         device=device, dtype=pick(args.dtype, "float32", "bfloat16"),
         batch=pick(args.batch, 1, 4), heads=pick(args.heads, 4, 8), head_dim=pick(args.head_dim, 32, 64),
         landmarks=tuple(args.landmarks), mix=args.mix,
         grids=tuple(sorted(pick(args.grids, CPU_GRIDS, GPU_GRIDS, (14, 28)))),
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
-        threads=args.threads or (1 if quick else len(os.sched_getaffinity(0))),
+        threads=threads, clock=args.clock,
         warmup=pick(args.warmup, 1, 3, 1), min_reps=pick(args.min_reps, 3, 10, 3),
         max_reps=pick(args.max_reps, 20, 50, 10), budget_s=pick(args.budget, 1.0, 1.0, 0.2),
         timeout_s=pick(args.timeout, 420.0, 240.0, 60.0), mem_cap_bytes=int(cap),
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     head = machine.header(cfg.device, cfg.threads)
     print(report.header_text(head, cfg), flush=True)
-    roof = machine.rooflines(cfg.device, cfg.dtype)
+    roof = machine.rooflines(cfg.device, cfg.dtype, cfg.clock)
     print(report.roofline_text(roof), flush=True)
 
     if cfg.device == "cuda":  # the pre-flight estimates are against the GPU's memory (OOM is caught)

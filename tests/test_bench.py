@@ -89,6 +89,21 @@ def test_pure_torch_table():
     assert "| fwdbwd | 16384 | 200 | 300 | **1.50** | - | - |" in md
 
 
+def test_cpu_clock_leaves_out_time_off_the_core():
+    """--clock cpu times the thread's CPU time: a call that sleeps costs (almost) nothing."""
+    import time
+
+    def nap():
+        time.sleep(0.01)
+    wall = timing.measure(nap, device="cpu", warmup=1, min_reps=3, max_reps=3, budget_s=0)
+    cpu = timing.measure(nap, device="cpu", warmup=1, min_reps=3, max_reps=3, budget_s=0, clock="cpu")
+    assert wall["median_s"] >= 0.009 and cpu["median_s"] < 0.003
+    from bench import run
+    with pytest.raises(SystemExit, match="--threads 1"):
+        run.make_config(run.parse_args(["--device", "cpu", "--threads", "2", "--clock", "cpu"]))
+    assert run.make_config(run.parse_args(["--device", "cpu", "--threads", "1", "--clock", "cpu"])).clock == "cpu"
+
+
 def _naive_bound(q, k, v, ql, kl, w_q, w_k, scale, unit):
     """A worst-case bound on |naive - crosshead| for an evaluation in floating point with unit
     roundoff `unit`, both ways: every output is Â_Q·(Â_K·v), |out| ≤ ‖w_q‖∞·‖w_k‖∞·max|v| (the rows
