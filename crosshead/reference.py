@@ -163,10 +163,10 @@ def _mix(w: Tensor | None, x: Tensor) -> Tensor:
 def _mix_inplace(w: Tensor | None, x: Tensor) -> Tensor:
     """_mix written over x (contiguous) where autograd allows: column block by column block,
     each mixed into an L2-sized scratch block and copied back. About as fast as _mix, without a
-    new N×L buffer."""
+    new N×L buffer; a map no larger than one block is mixed by _mix (fewer ops)."""
     if w is None:
         return x
-    if not (_free(w, x) and x.is_contiguous()):
+    if not (_free(w, x) and x.is_contiguous()) or x.numel() * x.element_size() <= MIX_CHUNK_BYTES:
         return _mix(w, x)
     B, h = x.shape[:2]
     flat = x.flatten(2)
