@@ -35,6 +35,7 @@ class Config:
     # CPU: "wall" (time.perf_counter) or "cpu" (the timing thread's CPU time, time.thread_time:
     # one thread only; on a shared machine it leaves out the time other processes hold the core)
     clock: str = "wall"
+    rounds: int = 1  # the whole sweep is repeated this many times; the median round is reported
     contenders: tuple[str, ...] = ()
     # options of the peer contenders (module level)
     performer_features: int = 0  # 0 = performer-pytorch's default int(d·ln d)

@@ -205,7 +205,10 @@ def markdown(results: dict) -> str:
             f"dtype {cfg['dtype']}; N = side² for side in {list(cfg['grids'])}. "
             f"Times are the median (p20–p80 in the JSON and the last table) of at least {cfg['min_reps']} "
             f"timed calls after {cfg['warmup']} warm-up call(s), repeated for up to {cfg['budget_s']:g} s "
-            f"({_clock_text(cfg)}). "
+            f"({_clock_text(cfg)}). " + (
+                f"The whole sweep ran {cfg['rounds']} times, contenders in turn, and each point reports the "
+                "round with the median time (every round's median is in the JSON). "
+                if cfg.get("rounds", 1) > 1 else "") +
             "`fwd` runs under torch.no_grad(); `fwdbwd` is forward plus backward of a fixed random "
             "gradient into every input and parameter. Peak memory is the call's own peak above what was "
             "allocated before it (inputs and weights excluded). \"op\" rows take (B, h, N, d) q, k, v; "

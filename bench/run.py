@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add every crosshead.baselines mechanism as a module-level contender")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; default: every core (1 with --quick)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sweep this many times, contenders in turn, and report per "
+                        "point the round with the median time (steadier ratios on a shared machine)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="CPU timer: wall time, or the timing thread's CPU time (needs --threads 1; "
                         "on a shared machine it leaves out the time other processes hold the core)")
@@ -110,7 +113,7 @@ def make_config(args):
         landmarks=tuple(args.landmarks), mix=args.mix,
         grids=tuple(sorted(pick(args.grids, CPU_GRIDS, GPU_GRIDS, (14, 28)))),
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
-        threads=threads, clock=args.clock,
+        threads=threads, clock=args.clock, rounds=max(1, args.rounds),
         warmup=pick(args.warmup, 1, 3, 1), min_reps=pick(args.min_reps, 3, 10, 3),
         max_reps=pick(args.max_reps, 20, 50, 10), budget_s=pick(args.budget, 1.0, 1.0, 0.2),
         timeout_s=pick(args.timeout, 420.0, 240.0, 60.0), mem_cap_bytes=int(cap),
@@ -248,6 +251,22 @@ def run_contender(cfg, c, on_point) -> list[dict]:
     return [records[k] for k in points]
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One record per point from the same point's record in every round: the round with the median
+    time among those with a figure (its own p20/p80, repeats and memory), with every round's median
+    in round_medians_s; the first round's record where no round has a figure."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = []
+    for same in zip(*rounds):
+        ok = sorted((r for r in same if r["status"] == "ok"), key=lambda r: r["median_s"])
+        if not ok:
+            out.append(same[0])
+            continue
+        out.append({**ok[(len(ok) - 1) // 2], "round_medians_s": [r.get("median_s") for r in same]})
+    return out
+
+
 def _rss(pid: int) -> int:
     from .memory import rss_bytes
     return rss_bytes(pid)
@@ -316,12 +335,15 @@ def main(argv=None) -> int:
     if cfg.device == "cuda":  # the pre-flight estimates are against the GPU's memory (OOM is caught)
         cfg.mem_cap_bytes = int(args.mem_cap * GiB) if args.mem_cap else head["gpu_memory_bytes"]
     todo = [contenders.get(n) for n in cfg.contenders]
-    bar = _progress(len(todo) * len(cfg.grids) * len(cfg.passes), not args.no_progress)
-    records = []
-    for c in todo:
-        bar.set_description(c.name)
-        records += run_contender(cfg, c, lambda: bar.update(1))
+    bar = _progress(cfg.rounds * len(todo) * len(cfg.grids) * len(cfg.passes), not args.no_progress)
+    rounds = []
+    for r in range(cfg.rounds):
+        rounds.append([])
+        for c in todo:
+            bar.set_description(c.name if cfg.rounds == 1 else f"round {r + 1}: {c.name}")
+            rounds[-1] += run_contender(cfg, c, lambda: bar.update(1))
     bar.close()
+    records = merge_rounds(rounds)
     add_costs(cfg, records, roof)
     results = {"machine": head, "config": cfg.to_dict(), "roofline": roof, "records": records,
                "comparison": report.comparison(records), "pure_torch": report.pure_torch(records),

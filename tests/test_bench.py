@@ -89,6 +89,20 @@ def test_pure_torch_table():
     assert "| fwdbwd | 16384 | 200 | 300 | **1.50** | - | - |" in md
 
 
+def test_rounds_report_the_median_round():
+    from bench import run
+
+    def rec(status, t=None, name="imhsa-torch"):
+        r = {"contender": name, "pass": "fwd", "n": 196, "status": status}
+        return {**r, "median_s": t, "p20_s": t, "p80_s": t} if status == "ok" else {**r, "reason": "x"}
+    rounds = [[rec("ok", 3.0), rec("failed", name="b")], [rec("ok", 1.0), rec("failed", name="b")],
+              [rec("failed"), rec("failed", name="b")], [rec("ok", 2.0), rec("failed", name="b")]]
+    merged, failed = run.merge_rounds(rounds)
+    assert merged["median_s"] == 2.0 and merged["round_medians_s"] == [3.0, 1.0, None, 2.0]
+    assert failed["status"] == "failed" and "round_medians_s" not in failed
+    assert run.merge_rounds(rounds[:1]) == rounds[0]
+
+
 def test_cpu_clock_leaves_out_time_off_the_core():
     """--clock cpu times the thread's CPU time: a call that sleeps costs (almost) nothing."""
     import time
