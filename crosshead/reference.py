@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _blocked
+
 MIX_MODES = ("post", "pre")
 
 
@@ -97,6 +99,7 @@ def landmarks_backward(grad: Tensor, num_tokens: int, grid: list[int], size: lis
         dims = list(grid) if len(grid) else [num_tokens - prefix]
         if grad.device.type == "cpu":  # the adjoint of adaptive_avg_pool2d, channels-last as above
             (H, W), (Lh, Lw) = _pool_shape(dims, size)
+            g = g.contiguous()  # (small) else the adjoint may come out NCHW, a slow transpose below
             # the input's shape and layout only: the adjoint does not read its values
             like = torch.empty_strided((B * h, d, H, W), (H * W * d, 1, W * d, d), dtype=ct)
             t = torch.ops.aten._adaptive_avg_pool2d_backward(
@@ -121,21 +124,25 @@ def landmarks_backward(grad: Tensor, num_tokens: int, grid: list[int], size: lis
 # ---------------------------------------------------------------------------------------- imhsa
 #
 # How the CPU spends its time here (bench/, torch.profiler, one thread): the products are MKL's;
-# what this code controls are the passes over the N×L maps and their allocations.
-# - Layout: both sides keep their maps as (B, h, L, N), N contiguous. The key side's softmax is
-#   over N (the last dim); the query side's map is stored transposed, Ŝ_Qᵀ, and its softmax over L
-#   runs across rows (dim -2). Reductions and elementwise passes then run along rows of N
-#   elements instead of rows of L (49) elements, several times faster.
-# - Few N×L buffers: the maps are softmaxed and mixed in place, and the two sides have one shape,
-#   so the second side reuses the first side's buffers: the forward needs one N×L buffer, the
-#   backward two (three in "pre" mode with mixing). A fresh N×L allocation costs page faults.
+# what this code controls are the passes over the N×L maps, where they live, and allocations.
+# - Layout: the maps are stored (B, h, L, N), N contiguous. The key side's softmax is over N (the
+#   last dim); the query side's map is stored transposed, Ŝ_Qᵀ, and its softmax over L runs
+#   across rows (dim -2). Reductions and elementwise passes then run along rows of N elements
+#   instead of rows of L (49) elements, several times faster.
+# - Blocks: the query side's softmax is per token, so below autograd it runs block by block over
+#   the tokens (crosshead/_blocked.py), each block's maps staying in the L2 cache; the key side's
+#   softmax spans all tokens and runs on the whole map.
+# - Few N×L buffers: the maps are softmaxed and mixed in place, so the forward needs one N×L
+#   buffer and the backward two (three in "pre" mode with mixing). A fresh N×L allocation costs
+#   page faults.
 # - Base 2: the maps are exponentiated as exp2(s·log2 e - m), with log2 e folded into the scale
 #   of the small landmark operand: torch's exp2 kernel is about 4× faster than its exp. The logits
 #   carry the same relative rounding as before, so exp2 of them is as accurate as exp was.
 #   Gradients are with respect to the natural logits (the softmax adjoint needs only p).
-# - In-place and out= steps run only where autograd is not recording (see _free): the registered
-#   kernels run below autograd, while torch.compile (bench/) and tests/test_reference.py
-#   differentiate imhsa itself and then get the functional forms.
+# - In-place, out= and blocked steps run only where autograd is not recording (see _free): the
+#   registered kernels run below autograd, while torch.compile (bench/) and
+#   tests/test_reference.py differentiate imhsa itself and then get the whole-map functional
+#   forms (the query side transposed in the key side's buffer).
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -331,9 +338,14 @@ def imhsa(q: Tensor, k: Tensor, v: Tensor, q_land: Tensor, k_land: Tensor, w_q: 
         wq = None if w_q is None else w_q.to(ct)
         wk = None if w_k is None else w_k.to(ct)
         scale2 = scale * LOG2E  # logits in base 2
-        # the key side, then the query side (transposed) in the same N×L buffer
+        # the key side (one N×L buffer), then the query side: block by block where autograd
+        # allows (crosshead/_blocked.py), else transposed in the key side's buffer
         a_k, lse_k = _side_inplace(_logits_k(q_land, k, scale2), wk, mix, -1)
         z = torch.matmul(a_k, v)
+        if _free(q, k_land, z, wq):
+            del a_k
+            out, lse_q = _blocked.query_forward(q, k_land, z, wq, mix, scale2)
+            return out.to(dtype), z, lse_k, lse_q
         a_q_t, lse_q = _side_inplace(_logits_q_t(q, k_land, scale2, a_k), wq, mix, -2)
         return torch.matmul(a_q_t.transpose(-1, -2), z).to(dtype), z, lse_k, lse_q
 
@@ -355,18 +367,24 @@ def imhsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_land: Te
         # in post mode with mixing, Â is dead once it has given dZ (or dv): its buffer takes dÂ
         reuse_a = mix == "post"
 
-        # query side first (out = Â_Q·Z), its maps transposed (L×N): it yields dZ, which the key
-        # side needs, and leaves its N×L buffers to the key side
-        s_q_t = _logits_q_t(q, k_land, scale2)
-        a_q_t, p_q_t = _recompute_into(s_q_t, wq, lse_q.to(ct) * LOG2E, mix, None, -2)
-        d_z = torch.matmul(a_q_t, g)
-        d_a_q_t = _matmul_into(z, g.transpose(-1, -2),
-                               a_q_t if reuse_a and wq is not None else None)
-        d_s_q_t, d_wq = _side_backward_at(d_a_q_t, a_q_t, p_q_t, s_q_t, wq, mix, -2)
-        d_q = torch.matmul(d_s_q_t.transpose(-1, -2), k_land * scale)
-        d_k_land = torch.matmul(d_s_q_t, q) * scale
-        buffers = _distinct(s_q_t, a_q_t, d_a_q_t)
-        del s_q_t, a_q_t, p_q_t, d_a_q_t, d_s_q_t
+        # query side first (out = Â_Q·Z): it yields dZ, which the key side needs. Block by block
+        # where autograd allows (crosshead/_blocked.py); else with its maps transposed (L×N),
+        # which it then leaves to the key side
+        buffers = []
+        if _free(g, q, k_land, z, wq):
+            d_z, d_q, d_k_land, d_wq = _blocked.query_backward(
+                g, q, k_land, z, wq, lse_q.to(ct) * LOG2E, mix, scale, scale2)
+        else:
+            s_q_t = _logits_q_t(q, k_land, scale2)
+            a_q_t, p_q_t = _recompute_into(s_q_t, wq, lse_q.to(ct) * LOG2E, mix, None, -2)
+            d_z = torch.matmul(a_q_t, g)
+            d_a_q_t = _matmul_into(z, g.transpose(-1, -2),
+                                   a_q_t if reuse_a and wq is not None else None)
+            d_s_q_t, d_wq = _side_backward_at(d_a_q_t, a_q_t, p_q_t, s_q_t, wq, mix, -2)
+            d_q = torch.matmul(d_s_q_t.transpose(-1, -2), k_land * scale)
+            d_k_land = torch.matmul(d_s_q_t, q) * scale
+            buffers = _distinct(s_q_t, a_q_t, d_a_q_t)
+            del s_q_t, a_q_t, p_q_t, d_a_q_t, d_s_q_t
 
         # key side (Z = Â_K·v)
         s_k = _logits_k(q_land, k, scale2, _take(buffers))
