@@ -31,21 +31,20 @@ def _tokens(B: int, h: int, L: int, n: int, esize: int) -> int:
     return max(1, min(n, size))
 
 
-def _heads(x: Tensor, B: int, h: int) -> Tensor:
-    """A block (B·h, L, n) as (B, h, L·n)."""
-    return x.view(B, h, x.shape[1] * x.shape[2])
+class _Blocks:
+    """count flat scratch buffers of one block each, and their views for a block of n tokens as
+    (B·h, L, n) maps and as (B, h, L·n) for the mixing, made once per block size."""
 
+    def __init__(self, like: Tensor, count: int, B: int, h: int, L: int, C: int):
+        self.bufs = [like.new_empty(B * h * L * C) for _ in range(count)]
+        self.shape, self.views = (B, h, L), {}
 
-def _mixed(w, x: Tensor, out: Tensor, B: int, h: int) -> Tensor:
-    """x (B·h, L, n) mixed across heads into out (same shape, not x); x itself without w."""
-    if w is None:
-        return x
-    torch.bmm(w.expand(B, h, h), _heads(x, B, h), out=_heads(out, B, h))
-    return out
-
-
-def _block(buf: Tensor, BH: int, L: int, n: int) -> Tensor:
-    return buf[:BH * L * n].view(BH, L, n)
+    def __call__(self, n: int) -> list:
+        if n not in self.views:
+            B, h, L = self.shape
+            self.views[n] = [(b[:B * h * L * n].view(B * h, L, n), b[:B * h * L * n].view(B, h, L * n))
+                             for b in self.bufs]
+        return self.views[n]
 
 
 def query_forward(q: Tensor, k_land: Tensor, z: Tensor, w: Tensor | None, mix: str, scale2: float):
@@ -53,25 +52,28 @@ def query_forward(q: Tensor, k_land: Tensor, z: Tensor, w: Tensor | None, mix: s
     compute dtype; scale2 is the logit scale times log2 e."""
     B, h, N, d = q.shape
     L, BH = k_land.shape[2], B * h
-    q = q.contiguous()
-    out, lse = q.new_empty(B, h, N, d), q.new_empty(B, h, N)
+    q_t = q.contiguous().view(BH, N, d).transpose(1, 2)
+    out = q.new_empty(BH, N, d)
+    m_all, total_all = q.new_empty(BH, 1, N), q.new_empty(BH, 1, N)
     C = _tokens(B, h, L, N, q.element_size())
-    s = q.new_empty(BH * L * C)
-    other = q.new_empty(BH * L * C) if w is not None else None
+    blocks = _Blocks(q, 1 if w is None else 2, B, h, L, C)
     kl2, zf = (k_land * scale2).flatten(0, 1), z.flatten(0, 1)
+    wb = None if w is None else w.expand(B, h, h)
     for c0 in range(0, N, C):
-        n = min(C, N - c0)
-        sb = torch.bmm(kl2, q[:, :, c0:c0 + n].flatten(0, 1).transpose(1, 2), out=_block(s, BH, L, n))
-        if mix == "pre":
-            sb = _mixed(w, sb, _block(other, BH, L, n) if w is not None else None, B, h)
-        m = sb.amax(1, keepdim=True)
-        total = sb.sub_(m).exp2_().sum(1, keepdim=True)
-        p = sb.div_(total)
-        lse[:, :, c0:c0 + n] = (m.add_(total.log2_()).mul_(LN2)).view(B, h, n)
-        a = _mixed(w, p, _block(other, BH, L, n) if w is not None else None, B, h) \
-            if mix == "post" else p
-        torch.bmm(a.transpose(1, 2), zf, out=out[:, :, c0:c0 + n].flatten(0, 1))
-    return out, lse
+        n, cols = min(C, N - c0), slice(c0, c0 + C)
+        (s, s_h), *other = blocks(n)
+        torch.bmm(kl2, q_t[:, :, cols], out=s)
+        if mix == "pre" and w is not None:  # softmax of the mixed logits, in the other block
+            torch.bmm(wb, s_h, out=other[0][1])
+            (s, s_h), other = other[0], [(s, s_h)]
+        m = torch.amax(s, 1, keepdim=True, out=m_all[:, :, cols])
+        total = torch.sum(s.sub_(m).exp2_(), 1, keepdim=True, out=total_all[:, :, cols])
+        a = s.div_(total)
+        if mix == "post" and w is not None:
+            a = torch.bmm(wb, s_h, out=other[0][1]).view(BH, L, n)
+        torch.bmm(a.transpose(1, 2), zf, out=out[:, cols])
+    lse = m_all.add_(total_all.log2_()).mul_(LN2)
+    return out.view(B, h, N, d), lse.view(B, h, N)
 
 
 def query_backward(g: Tensor, q: Tensor, k_land: Tensor, z: Tensor, w: Tensor | None,
@@ -81,37 +83,46 @@ def query_backward(g: Tensor, q: Tensor, k_land: Tensor, z: Tensor, w: Tensor | 
     against the base-2 logits (the caller rescales it)."""
     B, h, N, d = q.shape
     L, BH = k_land.shape[2], B * h
-    q, g = q.contiguous(), g.contiguous()
+    q_f, g_f = q.contiguous().view(BH, N, d), g.contiguous().view(BH, N, d)
+    q_t, g_t = q_f.transpose(1, 2), g_f.transpose(1, 2)
+    lse_f = lse2.contiguous().view(BH, 1, N)
     d_z, d_kl = q.new_zeros(BH, L, d), q.new_zeros(BH, L, d)
     d_w = q.new_zeros(B, h, h) if w is not None else None
-    d_q = q.new_empty(B, h, N, d)
+    d_q = q.new_empty(BH, N, d)
     C = _tokens(B, h, L, N, q.element_size())
-    s, a_buf, d_buf = (q.new_empty(BH * L * C) for _ in range(3))
+    blocks = _Blocks(q, 3, B, h, L, C)
     kl2, kl1, zf = (k_land * scale2).flatten(0, 1), (k_land * scale).flatten(0, 1), z.flatten(0, 1)
-    w_t = None if w is None else w.T
+    wb, wtb = (None, None) if w is None else (w.expand(B, h, h), w.T.expand(B, h, h))
     for c0 in range(0, N, C):
-        n = min(C, N - c0)
-        qb, gb = q[:, :, c0:c0 + n].flatten(0, 1), g[:, :, c0:c0 + n].flatten(0, 1)
-        sb = torch.bmm(kl2, qb.transpose(1, 2), out=_block(s, BH, L, n))
-        lse_b = lse2[:, :, c0:c0 + n].reshape(BH, 1, n)
+        n, cols = min(C, N - c0), slice(c0, c0 + C)
+        (s, s_h), (a, a_h), (d_a, d_a_h) = blocks(n)
+        torch.bmm(kl2, q_t[:, :, cols], out=s)
         if mix == "post":
-            p = sb.sub_(lse_b).exp2_()
-            a = _mixed(w, p, _block(a_buf, BH, L, n), B, h)
-            d_z.baddbmm_(a, gb)
-            d_a = torch.bmm(zf, gb.transpose(1, 2), out=_block(d_buf, BH, L, n))
+            p = s.sub_(lse_f[:, :, cols]).exp2_()
             if w is not None:
-                d_w.baddbmm_(_heads(d_a, B, h), _heads(p, B, h).transpose(1, 2))
-                d_a = _mixed(w_t, d_a, _block(a_buf, BH, L, n), B, h)  # Â is dead: its block
+                torch.bmm(wb, s_h, out=a_h)
+            d_z.baddbmm_(a if w is not None else p, g_f[:, cols])
+            torch.bmm(zf, g_t[:, :, cols], out=d_a)
+            if w is not None:
+                d_w.baddbmm_(d_a_h, s_h.transpose(1, 2))
+                torch.bmm(wtb, d_a_h, out=a_h)  # Â is dead: its block takes dp
+                d_a = a
             d_s = torch.ops.aten._softmax_backward_data.out(d_a, p, 1, p.dtype, grad_input=d_a)
         else:
-            a = _mixed(w, sb, _block(a_buf, BH, L, n), B, h).sub_(lse_b).exp2_()
-            d_z.baddbmm_(a, gb)
-            d_m = torch.bmm(zf, gb.transpose(1, 2), out=_block(d_buf, BH, L, n))
-            d_m = torch.ops.aten._softmax_backward_data.out(d_m, a, 1, a.dtype, grad_input=d_m)
             if w is not None:
-                d_w.baddbmm_(_heads(d_m, B, h), _heads(sb, B, h).transpose(1, 2))
-            d_s = _mixed(w_t, d_m, _block(a_buf, BH, L, n), B, h)  # Â is dead: its block
-        torch.bmm(d_s.transpose(1, 2), kl1, out=d_q[:, :, c0:c0 + n].flatten(0, 1))
-        d_kl.baddbmm_(d_s, qb)
+                torch.bmm(wb, s_h, out=a_h)
+            else:
+                a = s
+            a.sub_(lse_f[:, :, cols]).exp2_()
+            d_z.baddbmm_(a, g_f[:, cols])
+            torch.bmm(zf, g_t[:, :, cols], out=d_a)
+            d_m = torch.ops.aten._softmax_backward_data.out(d_a, a, 1, a.dtype, grad_input=d_a)
+            if w is not None:
+                d_w.baddbmm_(d_a_h, s_h.transpose(1, 2))
+                torch.bmm(wtb, d_a_h, out=a_h)  # Â is dead: its block takes the gradient
+                d_m = a
+            d_s = d_m
+        torch.bmm(d_s.transpose(1, 2), kl1, out=d_q[:, cols])
+        d_kl.baddbmm_(d_s, q_f[:, cols])
     d_w = None if d_w is None else d_w.sum(0)
-    return d_z.view(B, h, L, d), d_q, d_kl.mul_(scale).view(B, h, L, d), d_w
+    return d_z.view(B, h, L, d), d_q.view(B, h, N, d), d_kl.mul_(scale).view(B, h, L, d), d_w
