@@ -157,6 +157,12 @@ def _free(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+def _blocks(t: Tensor) -> bool:
+    """Block-by-block steps (the query side, in-place mixing) are for the CPU, where they keep the
+    data in cache; on a GPU (the CUDA fallback) they would only multiply kernel launches."""
+    return t.device.type == "cpu"
+
+
 def _mix(w: Tensor | None, x: Tensor) -> Tensor:
     """Cross-head mixing y[:, g] = Σ_h w[g, h] · x[:, h] on (B, h, ...) tensors, as one
     (h×h)·(h×rest) product per batch element, x read as stored (torch.matmul of a 2-D w with a
@@ -173,7 +179,8 @@ def _mix_inplace(w: Tensor | None, x: Tensor) -> Tensor:
     new N×L buffer; a map no larger than one block is mixed by _mix (fewer ops)."""
     if w is None:
         return x
-    if not (_free(w, x) and x.is_contiguous()) or x.numel() * x.element_size() <= MIX_CHUNK_BYTES:
+    if not (_free(w, x) and x.is_contiguous() and _blocks(x)) \
+            or x.numel() * x.element_size() <= MIX_CHUNK_BYTES:
         return _mix(w, x)
     B, h = x.shape[:2]
     flat = x.flatten(2)
@@ -342,7 +349,7 @@ def imhsa(q: Tensor, k: Tensor, v: Tensor, q_land: Tensor, k_land: Tensor, w_q: 
         # allows (crosshead/_blocked.py), else transposed in the key side's buffer
         a_k, lse_k = _side_inplace(_logits_k(q_land, k, scale2), wk, mix, -1)
         z = torch.matmul(a_k, v)
-        if _free(q, k_land, z, wq):
+        if _blocks(q) and _free(q, k_land, z, wq):
             del a_k
             out, lse_q = _blocked.query_forward(q, k_land, z, wq, mix, scale2)
             return out.to(dtype), z, lse_k, lse_q
@@ -371,7 +378,7 @@ def imhsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_land: Te
         # where autograd allows (crosshead/_blocked.py); else with its maps transposed (L×N),
         # which it then leaves to the key side
         buffers = []
-        if _free(g, q, k_land, z, wq):
+        if _blocks(q) and _free(g, q, k_land, z, wq):
             d_z, d_q, d_k_land, d_wq = _blocked.query_backward(
                 g, q, k_land, z, wq, lse_q.to(ct) * LOG2E, mix, scale, scale2)
         else:
