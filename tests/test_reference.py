@@ -107,6 +107,30 @@ def test_query_side_in_many_blocks(mix, interaction, monkeypatch):
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("ws", ["both", "none", "q", "k"])
+def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
+    """On a GPU the kernels run the whole-map code in place instead of the blocks
+    (reference._blocks), the key side reusing the query side's buffers (which depends on which
+    side mixes); run that code here on the CPU, against the loop reference."""
+    from crosshead import reference
+
+    monkeypatch.setattr(reference, "_blocks", lambda t: False)
+    inputs = list(imhsa_inputs(2, 3, 70, 16, 12, interaction=ws != "none", requires_grad=True))
+    if ws in ("q", "k"):
+        inputs[6 if ws == "q" else 5] = None
+    out = crosshead.imhsa(*inputs, mix=mix)
+    g = rand(*out.shape)
+    out.backward(g)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(g)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    for x, x64 in zip(inputs, inputs64):
+        if x is not None:
+            torch.testing.assert_close(x.grad, x64.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
 def test_whole_map_path_agrees_with_the_blocked_one(mix):
     """Where autograd records (torch.compile, differentiating reference.imhsa itself), the kernels
     run the whole-map functional code instead of the blocked, in-place one: both compute the same."""
