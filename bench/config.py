@@ -32,6 +32,10 @@ class Config:
     budget_s: float = 1.0  # per point: keep repeating until min_reps and this much time are reached
     timeout_s: float = 420.0  # per point (warm-up, compilation and repeats together)
     mem_cap_bytes: int = 0  # a worker above this resident size (CPU) is killed; 0 = no cap
+    # CPU: "wall" (time.perf_counter) or "cpu" (the timing thread's CPU time, time.thread_time:
+    # one thread only; on a shared machine it leaves out the time other processes hold the core)
+    clock: str = "wall"
+    rounds: int = 1  # the whole sweep is repeated this many times; the median round is reported
     contenders: tuple[str, ...] = ()
     # options of the peer contenders (module level)
     performer_features: int = 0  # 0 = performer-pytorch's default int(d·ln d)

@@ -2,7 +2,8 @@
 cannot run here (or None), and what it costs (bench/costs.py).
 
 Two levels, both with matched (B, h, N, d):
-- "op": the attention op alone on (B, h, N, d) tensors q, k, v (crosshead's landmarks + imhsa, and
+- "op": the attention op alone on (B, h, N, d) tensors q, k, v (crosshead's landmarks + imhsa,
+  its obvious version and its compiled version, from bench/imhsa_cases.py; and
   scaled_dot_product_attention with each backend);
 - "module": an attention layer x (B, N, h·d) → (B, N, h·d) with its qkv and output projections
   (crosshead's InteractiveMultiheadAttention, a plain softmax MHSA layer, and the peers from their
@@ -20,17 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cases import Case, _dtype, _gen, _qkv, _randn
 from .config import Config
-
-
-@dataclass
-class Case:
-    """One (contender, N) point, built: forward() runs the call with autograd enabled; leaves are
-    the tensors (inputs and parameters) whose .grad a forward+backward fills."""
-    forward: Callable[[], torch.Tensor]
-    leaves: list
-    grad_out: torch.Tensor
-    compiles: bool = False  # the first call compiles: the worker makes it before timing anything
+from .imhsa_cases import (_imhsa_case, _imhsa_torch_path, _naive_case, _why_not_compile,
+                          _why_not_fused)
 
 
 @dataclass
@@ -47,34 +41,6 @@ class Contender:
     options: dict = field(default_factory=dict)
 
 
-def _dtype(cfg: Config) -> torch.dtype:
-    return getattr(torch, cfg.dtype)
-
-
-def _gen(cfg: Config, side: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(1000 + side)
-
-
-def _randn(cfg, *shape, gen, requires_grad=True, scale=1.0):
-    t = (torch.randn(*shape, generator=gen) * scale).to(device=cfg.device, dtype=_dtype(cfg))
-    return t.requires_grad_(requires_grad)
-
-
-def _qkv(cfg: Config, side: int):
-    gen = _gen(cfg, side)
-    shape = (cfg.batch, cfg.heads, side * side, cfg.head_dim)
-    q, k, v = (_randn(cfg, *shape, gen=gen) for _ in range(3))
-    return q, k, v, _randn(cfg, *shape, gen=gen, requires_grad=False)
-
-
-def _no_gpu(cfg: Config) -> str | None:
-    if cfg.device != "cuda":
-        return "needs a CUDA GPU (this run is on CPU)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to torch"
-    return None
-
-
 def _missing(module: str, package: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return f"package {package!r} is not installed (pip install {package})"
@@ -82,105 +48,6 @@ def _missing(module: str, package: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- crosshead op
-
-
-def _mixing(cfg: Config, h: int):
-    gen = torch.Generator().manual_seed(7)
-    w = [torch.eye(h) + 0.1 * torch.randn(h, h, generator=gen) for _ in range(2)]
-    return [t.to(cfg.device).requires_grad_() for t in w]
-
-
-class _ReferenceLandmarks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, grid, size):
-        from crosshead import reference
-        ctx.n, ctx.grid, ctx.size = x.shape[2], grid, size
-        return reference.landmarks(x, grid, size, 0)
-
-    @staticmethod
-    def backward(ctx, g):
-        from crosshead import reference
-        return reference.landmarks_backward(g, ctx.n, ctx.grid, ctx.size, 0), None, None
-
-
-class _ReferenceImhsa(torch.autograd.Function):
-    """The pure-torch forward and hand-written backward of crosshead.reference, bypassing the
-    dispatcher: what crosshead.imhsa runs where no fused kernel is registered. Used when a fused
-    CUDA kernel is loaded, so that the pure-torch path can still be measured beside it."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, ql, kl, wq, wk, mix, scale):
-        from crosshead import reference
-        out, z, lse_k, lse_q = reference.imhsa(q, k, v, ql, kl, wq, wk, mix, scale)
-        ctx.save_for_backward(q, k, v, ql, kl, wq, wk, z, lse_k, lse_q)
-        ctx.mix, ctx.scale = mix, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        from crosshead import reference
-        grads = reference.imhsa_backward(g, *ctx.saved_tensors, ctx.mix, ctx.scale)
-        return (*grads, None, None)
-
-
-def _fused_available() -> bool:
-    from crosshead import _library
-    return _library.mode in ("compiled", "jit") and _library.has_kernel("imhsa", "CUDA")
-
-
-def _imhsa_case(cfg: Config, side: int, path: str) -> Case:
-    import crosshead
-    q, k, v, g = _qkv(cfg, side)
-    wq, wk = _mixing(cfg, cfg.heads)
-    grid, size, mix = (side, side), cfg.landmarks, cfg.mix
-    scale = cfg.head_dim ** -0.5
-
-    if path == "api":  # public API, whatever kernel is registered for the device
-        def forward():
-            ql, kl = crosshead.landmarks(q, grid, size), crosshead.landmarks(k, grid, size)
-            return crosshead.imhsa(q, k, v, ql, kl, wq, wk, mix=mix)
-    elif path == "function":
-        def forward():
-            ql = _ReferenceLandmarks.apply(q, list(grid), list(size))
-            kl = _ReferenceLandmarks.apply(k, list(grid), list(size))
-            return _ReferenceImhsa.apply(q, k, v, ql, kl, wq, wk, mix, scale)
-    else:  # "compile": the reference functions traced by torch.compile, autograd by inductor
-        from crosshead import reference
-
-        def eager(q, k, v, wq, wk):
-            ql = reference.landmarks(q, list(grid), list(size), 0)
-            kl = reference.landmarks(k, list(grid), list(size), 0)
-            return reference.imhsa(q, k, v, ql, kl, wq, wk, mix, scale)[0]
-
-        torch._dynamo.reset()  # one worker compiles every N and pass: start each from scratch
-        compiled = torch.compile(eager, dynamic=False, fullgraph=True)
-
-        def forward():
-            return compiled(q, k, v, wq, wk)
-    return Case(forward, [q, k, v, wq, wk], g, compiles=path == "compile")
-
-
-def _imhsa_torch_path(cfg: Config) -> str:
-    return "function" if (cfg.device == "cuda" and _fused_available()) else "api"
-
-
-def _why_not_fused(cfg: Config) -> str | None:
-    reason = _no_gpu(cfg)
-    if reason:
-        return reason
-    from crosshead import _library
-    if not _fused_available():
-        return (f"no fused CUDA kernel loaded: crosshead backend is {_library.mode!r} "
-                f"({_library.detail})")
-    return None
-
-
-def _why_not_compile(cfg: Config) -> str | None:
-    if cfg.device == "cpu":
-        import shutil
-        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-            return "torch.compile on CPU needs a C++ compiler (none on PATH)"
-    return None
 
 
 # ------------------------------------------------------------------------------------------ SDPA
@@ -314,6 +181,9 @@ def _registry() -> dict[str, Contender]:
                   ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, "api"), _why_not_fused),
         Contender("imhsa-torch", "op", f"crosshead landmarks + imhsa, pure-torch path ({L})",
                   ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, _imhsa_torch_path(c)), _always),
+        Contender("imhsa-naive", "op",
+                  "crosshead landmarks + imhsa written the obvious way: softmax, einsum mixing, @, autograd",
+                  ("op", "imhsa"), _naive_case, _always),
         Contender("imhsa-torch-compile", "op",
                   "crosshead.reference landmarks + imhsa under torch.compile (inductor autograd)",
                   ("op", "imhsa"), lambda c, s: _imhsa_case(c, s, "compile"), _why_not_compile),

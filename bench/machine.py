@@ -82,33 +82,34 @@ def header(device: str, threads: int) -> dict:
     return info
 
 
-def _rate(fn, device: str) -> float:
-    return timing.measure(fn, device=device, warmup=2, min_reps=5, max_reps=30, budget_s=0.5)["median_s"]
+def _rate(fn, device: str, clock: str = "wall") -> float:
+    return timing.measure(fn, device=device, warmup=2, min_reps=5, max_reps=30, budget_s=0.5,
+                          clock=clock)["median_s"]
 
 
-def copy_bandwidth(device: str) -> float:
+def copy_bandwidth(device: str, clock: str = "wall") -> float:
     """Bytes per second of y.copy_(x) on a tensor far larger than the caches (read + write)."""
     nbytes = (1 << 30) if device == "cuda" else (256 << 20)
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     y = torch.empty_like(x)
-    t = _rate(lambda: y.copy_(x), device)
+    t = _rate(lambda: y.copy_(x), device, clock)
     return 2 * nbytes / t
 
 
-def matmul_rate(device: str, dtype: torch.dtype) -> float:
+def matmul_rate(device: str, dtype: torch.dtype, clock: str = "wall") -> float:
     """FLOP/s of an n×n×n matmul (n = 8192 on GPU, 1024 on CPU)."""
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
-    t = _rate(lambda: torch.matmul(a, b, out=c), device)
+    t = _rate(lambda: torch.matmul(a, b, out=c), device, clock)
     return 2 * n ** 3 / t
 
 
-def rooflines(device: str, dtype: str) -> dict:
+def rooflines(device: str, dtype: str, clock: str = "wall") -> dict:
     dt = getattr(torch, dtype)
-    out = {"copy_bandwidth_Bps": copy_bandwidth(device),
-           "matmul_flops": matmul_rate(device, dt), "matmul_dtype": dtype}
+    out = {"copy_bandwidth_Bps": copy_bandwidth(device, clock),
+           "matmul_flops": matmul_rate(device, dt, clock), "matmul_dtype": dtype}
     if device == "cuda" and dt != torch.bfloat16:
         out["matmul_bf16_flops"] = matmul_rate(device, torch.bfloat16)
     elif device == "cuda":

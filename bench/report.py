@@ -53,6 +53,37 @@ def comparison(records: list[dict]) -> list[dict]:
     return out
 
 
+PURE_TORCH = ("imhsa-torch", "imhsa-naive", "imhsa-torch-compile")
+
+
+def pure_torch(records: list[dict]) -> list[dict]:
+    """The pure-torch path against the same math written the obvious way (imhsa-naive) and against
+    torch.compile of itself, per pass and N where the pure-torch path has a figure: times and
+    the ratios naive / torch and compile / torch (above 1: the pure-torch path is faster); a ratio
+    is None where the other contender has no figure."""
+    idx = _index(records)
+    out = []
+    for pass_ in PASS_TITLES:
+        for n in sorted(n for (c, p, n), r in idx.items() if c == PURE_TORCH[0] and p == pass_
+                        and r["status"] == "ok"):
+            row = {"pass": pass_, "n": n}
+            base = idx[(PURE_TORCH[0], pass_, n)]["median_s"]
+            for name, key in zip(PURE_TORCH, ("torch", "naive", "compile")):
+                r = idx.get((name, pass_, n))
+                row[f"{key}_s"] = r["median_s"] if r and r["status"] == "ok" else None
+                if key != "torch":
+                    row[f"{key}_ratio"] = row[f"{key}_s"] / base if row[f"{key}_s"] else None
+            out.append(row)
+    return out
+
+
+def pure_torch_text(rows: list[dict]) -> str:
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+    return "\n".join(f"{r['pass']} N={r['n']}: imhsa-torch {r['torch_s'] * 1e3:.3g} ms; naive / torch "
+                     f"{ratio(r['naive_ratio'])}, compile / torch {ratio(r['compile_ratio'])}" for r in rows)
+
+
 def _times(ratio: float, better: str, worse: str) -> str:
     return f"{ratio:.1f}x {better}" if ratio >= 1 else f"{1 / ratio:.1f}x {worse}"
 
@@ -116,6 +147,36 @@ def _reasons(records) -> list[str]:
     return lines if len(lines) > 2 else ["Every point has a figure."]
 
 
+def _pure_torch_section(rows: list[dict]) -> list[str]:
+    out = ["## The pure-torch path against the obvious version and torch.compile", ""]
+    if not rows:
+        return out + ["imhsa-torch has no figure in this run.", ""]
+
+    def ms(s):
+        return "-" if s is None else _fmt_ms(s)
+
+    def ratio(x):
+        return "-" if x is None else f"**{x:.2f}**"
+    out += ["| pass | N | imhsa-torch ms | imhsa-naive ms | naive / torch | imhsa-torch-compile ms | "
+            "compile / torch |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += [f"| {r['pass']} | {r['n']} | {ms(r['torch_s'])} | {ms(r['naive_s'])} | {ratio(r['naive_ratio'])} | "
+            f"{ms(r['compile_s'])} | {ratio(r['compile_ratio'])} |" for r in rows]
+    return out + ["", "imhsa-naive is the same math written the obvious way (torch.softmax per side, einsum "
+                  "for the head mixing, @ for the products, autograd for the backward, which keeps the "
+                  "N×L maps instead of recomputing them); imhsa-torch-compile is the pure-torch path "
+                  "under torch.compile. Ratios are the other's time / imhsa-torch's: above 1, the "
+                  "pure-torch path is faster.", ""]
+
+
+def _clock_text(cfg: dict) -> str:
+    if cfg["device"] == "cuda":
+        return "CUDA events"
+    if cfg.get("clock") == "cpu":
+        return ("CPU time of the timing thread, time.thread_time: the run had one thread, and other "
+                "processes on this shared machine held the cores part of the time")
+    return "time.perf_counter"
+
+
 def markdown(results: dict) -> str:
     head, cfg, roof, records = results["machine"], results["config"], results["roofline"], results["records"]
     dev = head.get("gpu") or head["cpu"]
@@ -144,7 +205,10 @@ def markdown(results: dict) -> str:
             f"dtype {cfg['dtype']}; N = side² for side in {list(cfg['grids'])}. "
             f"Times are the median (p20–p80 in the JSON and the last table) of at least {cfg['min_reps']} "
             f"timed calls after {cfg['warmup']} warm-up call(s), repeated for up to {cfg['budget_s']:g} s "
-            f"({'CUDA events' if cfg['device'] == 'cuda' else 'time.perf_counter'}). "
+            f"({_clock_text(cfg)}). " + (
+                f"The whole sweep ran {cfg['rounds']} times, contenders in turn, and each point reports the "
+                "round with the median time (every round's median is in the JSON). "
+                if cfg.get("rounds", 1) > 1 else "") +
             "`fwd` runs under torch.no_grad(); `fwdbwd` is forward plus backward of a fixed random "
             "gradient into every input and parameter. Peak memory is the call's own peak above what was "
             "allocated before it (inputs and weights excluded). \"op\" rows take (B, h, N, d) q, k, v; "
@@ -161,6 +225,7 @@ def markdown(results: dict) -> str:
         out += ["", "Ratios are sdpa-math / imhsa-torch: above 1, iMHSA is faster / needs less memory.", ""]
     else:
         out += ["No N where both have a figure.", ""]
+    out += _pure_torch_section(results.get("pure_torch") or pure_torch(records))
     for pass_ in cfg["passes"]:
         recs = [r for r in records if r["pass"] == pass_]
         out += [f"## {PASS_TITLES[pass_].capitalize()}: median time (ms)", ""]

@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add every crosshead.baselines mechanism as a module-level contender")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; default: every core (1 with --quick)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sweep this many times, contenders in turn, and report per "
+                        "point the round with the median time (steadier ratios on a shared machine)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU timer: wall time, or the timing thread's CPU time (needs --threads 1; "
+                        "on a shared machine it leaves out the time other processes hold the core)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--min-reps", type=int, default=None)
     p.add_argument("--max-reps", type=int, default=None)
@@ -98,13 +104,16 @@ def make_config(args):
     for n in names:
         contenders.get(n)  # unknown names fail here, before anything runs
     cap = args.mem_cap * GiB if args.mem_cap else int(0.75 * memory.available_bytes())
+    threads = args.threads or (1 if quick else len(os.sched_getaffinity(0)))
+    if args.clock == "cpu" and (gpu or threads != 1):
+        raise SystemExit("--clock cpu times one CPU thread: it needs --device cpu and --threads 1")
     return Config(
         device=device, dtype=pick(args.dtype, "float32", "bfloat16"),
         batch=pick(args.batch, 1, 4), heads=pick(args.heads, 4, 8), head_dim=pick(args.head_dim, 32, 64),
         landmarks=tuple(args.landmarks), mix=args.mix,
         grids=tuple(sorted(pick(args.grids, CPU_GRIDS, GPU_GRIDS, (14, 28)))),
         passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()),
-        threads=args.threads or (1 if quick else len(os.sched_getaffinity(0))),
+        threads=threads, clock=args.clock, rounds=max(1, args.rounds),
         warmup=pick(args.warmup, 1, 3, 1), min_reps=pick(args.min_reps, 3, 10, 3),
         max_reps=pick(args.max_reps, 20, 50, 10), budget_s=pick(args.budget, 1.0, 1.0, 0.2),
         timeout_s=pick(args.timeout, 420.0, 240.0, 60.0), mem_cap_bytes=int(cap),
@@ -242,6 +251,22 @@ def run_contender(cfg, c, on_point) -> list[dict]:
     return [records[k] for k in points]
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One record per point from the same point's record in every round: the round with the median
+    time among those with a figure (its own p20/p80, repeats and memory), with every round's median
+    in round_medians_s; the first round's record where no round has a figure."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = []
+    for same in zip(*rounds):
+        ok = sorted((r for r in same if r["status"] == "ok"), key=lambda r: r["median_s"])
+        if not ok:
+            out.append(same[0])
+            continue
+        out.append({**ok[(len(ok) - 1) // 2], "round_medians_s": [r.get("median_s") for r in same]})
+    return out
+
+
 def _rss(pid: int) -> int:
     from .memory import rss_bytes
     return rss_bytes(pid)
@@ -304,23 +329,29 @@ def main(argv=None) -> int:
     t_start = time.time()
     head = machine.header(cfg.device, cfg.threads)
     print(report.header_text(head, cfg), flush=True)
-    roof = machine.rooflines(cfg.device, cfg.dtype)
+    roof = machine.rooflines(cfg.device, cfg.dtype, cfg.clock)
     print(report.roofline_text(roof), flush=True)
 
     if cfg.device == "cuda":  # the pre-flight estimates are against the GPU's memory (OOM is caught)
         cfg.mem_cap_bytes = int(args.mem_cap * GiB) if args.mem_cap else head["gpu_memory_bytes"]
     todo = [contenders.get(n) for n in cfg.contenders]
-    bar = _progress(len(todo) * len(cfg.grids) * len(cfg.passes), not args.no_progress)
-    records = []
-    for c in todo:
-        bar.set_description(c.name)
-        records += run_contender(cfg, c, lambda: bar.update(1))
+    bar = _progress(cfg.rounds * len(todo) * len(cfg.grids) * len(cfg.passes), not args.no_progress)
+    rounds = []
+    for r in range(cfg.rounds):
+        rounds.append([])
+        for c in todo:
+            bar.set_description(c.name if cfg.rounds == 1 else f"round {r + 1}: {c.name}")
+            rounds[-1] += run_contender(cfg, c, lambda: bar.update(1))
     bar.close()
+    records = merge_rounds(rounds)
     add_costs(cfg, records, roof)
     results = {"machine": head, "config": cfg.to_dict(), "roofline": roof, "records": records,
-               "comparison": report.comparison(records), "wall_s": time.time() - t_start,
+               "comparison": report.comparison(records), "pure_torch": report.pure_torch(records),
+               "wall_s": time.time() - t_start,
                "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     paths = report.write_all(results, args.out, tag, plots=not args.no_plots)
     print(report.comparison_text(results["comparison"]))
+    if results["pure_torch"]:
+        print(report.pure_torch_text(results["pure_torch"]))
     print(f"wrote {', '.join(str(p) for p in paths)} in {results['wall_s']:.0f} s")
     return 0

@@ -1,4 +1,5 @@
-"""Repeated timing after warm-up: time.perf_counter on CPU, CUDA events on GPU.
+"""Repeated timing after warm-up: time.perf_counter on CPU (or, with clock="cpu", the calling
+thread's CPU time, time.thread_time), CUDA events on GPU.
 
 Each sample times `inner` back-to-back calls (inner is chosen so a sample lasts at least
 MIN_SAMPLE_S, which keeps timer resolution and launch latency out of microsecond calls) and is
@@ -30,7 +31,7 @@ def summary(samples: list[float]) -> dict:
             "p80_s": quantile(samples, 0.8), "reps": len(samples)}
 
 
-def _timer(device: str):
+def _timer(device: str, clock: str = "wall"):
     if device == "cuda":
         def run(fn, inner, reset):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,28 +43,31 @@ def _timer(device: str):
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / inner
     else:
+        now = time.thread_time if clock == "cpu" else time.perf_counter
+
         def run(fn, inner, reset):
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 fn()
                 reset()
-            return (time.perf_counter() - t0) / inner
+            return (now() - t0) / inner
     return run
 
 
-def once(fn: Callable[[], None], device: str, reset: Callable[[], None] = lambda: None) -> float:
+def once(fn: Callable[[], None], device: str, reset: Callable[[], None] = lambda: None,
+         clock: str = "wall") -> float:
     """Seconds of one call (synchronised)."""
-    return _timer(device)(fn, 1, reset)
+    return _timer(device, clock)(fn, 1, reset)
 
 
 def measure(fn: Callable[[], None], *, device: str, warmup: int, min_reps: int, max_reps: int,
             budget_s: float, reset: Callable[[], None] = lambda: None, first: float | None = None,
-            samples: list[float] | None = None) -> dict:
+            samples: list[float] | None = None, clock: str = "wall") -> dict:
     """Times fn (reset runs after each call, inside the sample: keep it trivial). `first`: the
     time of a warm-up call the caller already made (it counts as one of the warm-ups); `samples`:
     samples the caller already took. Returns summary() of the per-call samples plus the warm-up
     time and the calls per sample."""
-    run = _timer(device)
+    run = _timer(device, clock)
     t0 = time.perf_counter()
     for _ in range(max(1, warmup) - (first is not None)):
         t = run(fn, 1, reset)

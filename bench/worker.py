@@ -49,16 +49,16 @@ def measure_point(cfg, contender, side: int, pass_: str) -> dict:
 
     t0 = time.perf_counter()
     compile_s = timing.once(call, cfg.device, reset) if case.compiles else None
-    first = timing.once(call, cfg.device, reset)
+    first = timing.once(call, cfg.device, reset, cfg.clock)
     common = dict(device=cfg.device, warmup=cfg.warmup, min_reps=cfg.min_reps, budget_s=cfg.budget_s,
-                  reset=reset, first=first)
+                  reset=reset, first=first, clock=cfg.clock)
     if first >= SLOW_S:
         # a slow call: its tensors are far above glibc's mmap threshold, so the strict memory mode
         # does not change its timing, and the memory call doubles as the first timed sample
         holder = {}
 
         def timed():
-            holder["t"] = timing.once(call, cfg.device)
+            holder["t"] = timing.once(call, cfg.device, clock=cfg.clock)
         peak = memory.peak(timed, cfg.device)
         reset()
         stats = timing.measure(call, max_reps=cfg.min_reps, samples=[holder["t"]], **common)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,6 +37,10 @@ def test_quick_outputs_parse(quick_run):
         assert not line.startswith("|") or line.count("|") >= 3
     assert (out / "smoke-time.png").stat().st_size > 0 and (out / "smoke-memory.png").stat().st_size > 0
     assert "imhsa-torch" in stdout
+    # the pure-torch path against the obvious version and torch.compile, both passes
+    assert "## The pure-torch path against the obvious version and torch.compile" in md
+    assert {r["pass"] for r in results["pure_torch"]} == set(results["config"]["passes"])
+    assert all(r["naive_ratio"] > 0 for r in results["pure_torch"])
 
 
 def test_every_contender_has_a_figure_or_a_reason(quick_run):
@@ -68,6 +73,93 @@ def test_comparison_and_costs():
     (comp,) = report.comparison(rec)
     assert comp["time_ratio"] == pytest.approx(20) and comp["memory_ratio"] == pytest.approx(100)
     assert comp["imhsa_faster"] and comp["imhsa_less_memory"]
+
+
+def test_pure_torch_table():
+    rec = [{"contender": c, "pass": p, "n": 16384, "status": "ok", "median_s": t, "peak_bytes": 1}
+           for c, p, t in (("imhsa-torch", "fwd", 0.1), ("imhsa-naive", "fwd", 0.15),
+                           ("imhsa-torch-compile", "fwd", 0.05), ("imhsa-torch", "fwdbwd", 0.2),
+                           ("imhsa-naive", "fwdbwd", 0.3))]
+    rec.append({"contender": "imhsa-torch-compile", "pass": "fwdbwd", "n": 16384, "status": "failed"})
+    fwd, fwdbwd = report.pure_torch(rec)
+    assert fwd["naive_ratio"] == pytest.approx(1.5) and fwd["compile_ratio"] == pytest.approx(0.5)
+    assert fwdbwd["naive_ratio"] == pytest.approx(1.5) and fwdbwd["compile_ratio"] is None
+    md = "\n".join(report._pure_torch_section([fwd, fwdbwd]))
+    assert "| fwd | 16384 | 100 | 150 | **1.50** | 50 | **0.50** |" in md
+    assert "| fwdbwd | 16384 | 200 | 300 | **1.50** | - | - |" in md
+
+
+def test_rounds_report_the_median_round():
+    from bench import run
+
+    def rec(status, t=None, name="imhsa-torch"):
+        r = {"contender": name, "pass": "fwd", "n": 196, "status": status}
+        return {**r, "median_s": t, "p20_s": t, "p80_s": t} if status == "ok" else {**r, "reason": "x"}
+    rounds = [[rec("ok", 3.0), rec("failed", name="b")], [rec("ok", 1.0), rec("failed", name="b")],
+              [rec("failed"), rec("failed", name="b")], [rec("ok", 2.0), rec("failed", name="b")]]
+    merged, failed = run.merge_rounds(rounds)
+    assert merged["median_s"] == 2.0 and merged["round_medians_s"] == [3.0, 1.0, None, 2.0]
+    assert failed["status"] == "failed" and "round_medians_s" not in failed
+    assert run.merge_rounds(rounds[:1]) == rounds[0]
+
+
+def test_cpu_clock_leaves_out_time_off_the_core():
+    """--clock cpu times the thread's CPU time: a call that sleeps costs (almost) nothing."""
+    import time
+
+    def nap():
+        time.sleep(0.01)
+    wall = timing.measure(nap, device="cpu", warmup=1, min_reps=3, max_reps=3, budget_s=0)
+    cpu = timing.measure(nap, device="cpu", warmup=1, min_reps=3, max_reps=3, budget_s=0, clock="cpu")
+    assert wall["median_s"] >= 0.009 and cpu["median_s"] < 0.003
+    from bench import run
+    with pytest.raises(SystemExit, match="--threads 1"):
+        run.make_config(run.parse_args(["--device", "cpu", "--threads", "2", "--clock", "cpu"]))
+    assert run.make_config(run.parse_args(["--device", "cpu", "--threads", "1", "--clock", "cpu"])).clock == "cpu"
+
+
+def _naive_bound(q, k, v, ql, kl, w_q, w_k, scale, unit):
+    """A worst-case bound on |naive - crosshead| for an evaluation in floating point with unit
+    roundoff `unit`, both ways: every output is Â_Q·(Â_K·v), |out| ≤ ‖w_q‖∞·‖w_k‖∞·max|v| (the rows
+    of a softmax sum to 1, mixing scales them by at most ‖w‖∞, the largest absolute row sum).
+    Each implementation rounds sums of N (Â_K·v), L (Â_Q·Z) and d (logits) terms, each within
+    (terms)·unit of exact (γ_n ≤ n·u + O(u²)), and a logit error δ becomes a relative error δ of
+    its exponential: so each is within (N + L + 2d)·unit·(1 + max|logit|) of exact, relative
+    to |out|'s bound; the two differ by at most twice that."""
+    N, d, L = q.shape[2], q.shape[3], ql.shape[2]
+    logits = torch.cat([((ql @ k.mT) * scale).flatten(), ((q @ kl.mT) * scale).flatten()])
+    norm = [1.0 if w is None else w.abs().sum(1).max().item() for w in (w_q, w_k)]
+    size = norm[0] * norm[1] * v.abs().max().item()
+    return 2 * (N + L + 2 * d) * unit * (1 + logits.abs().max().item()) * size
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_naive_contender_computes_crosshead_imhsa(mix, interaction):
+    """imhsa-naive (bench) is the same op as crosshead.imhsa: equal in float64 up to float64
+    rounding, forward and gradients, and equal in float32 within the float32 rounding bound."""
+    import crosshead
+    from bench.imhsa_cases import naive_imhsa
+    from conftest import TOL
+    from helpers import as64, imhsa_inputs
+
+    B, h, N, d, L, scale = 2, 3, 64, 8, 16, 0.4
+    inputs = imhsa_inputs(B, h, N, d, L, dtype=torch.float64, interaction=interaction, requires_grad=True)
+    g = torch.randn(B, h, N, d, dtype=torch.float64)
+    for dtype, unit in ((torch.float64, 2.0 ** -53), (torch.float32, 2.0 ** -24)):
+        x = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
+        ours = crosshead.imhsa(*x, mix=mix, scale=scale)
+        ours.backward(g.to(dtype))
+        x2 = as64(x) if dtype == torch.float64 else [None if t is None else t.detach().requires_grad_() for t in x]
+        naive = naive_imhsa(*x2, mix=mix, scale=scale)
+        naive.backward(g.to(dtype))
+        bound = _naive_bound(*[None if t is None else t.detach().double() for t in x], scale, unit)
+        assert (ours.double() - naive.double()).abs().max().item() <= bound
+        if dtype == torch.float64:  # gradients as tests/test_reference.py holds the op to them
+            for a, b in zip(x, x2):
+                if a is not None:
+                    atol = TOL[dtype]["atol"] * max(1.0, b.grad.abs().max().item())
+                    torch.testing.assert_close(a.grad, b.grad, rtol=TOL[dtype]["rtol"], atol=atol)
 
 
 def test_timing_summary():

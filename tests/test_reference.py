@@ -42,6 +42,125 @@ def test_forward_and_gradients_match_loop_reference(dtype, mix, shape, interacti
                                    msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_mixing_on_one_side_only(mix, side):
+    """w on one side, None on the other: the two sides of the kernels reuse each other's buffers,
+    which depends on which side mixes."""
+    inputs = list(imhsa_inputs(2, 3, 33, 8, 7, dtype=torch.float32, requires_grad=True))
+    inputs[6 if side == "q" else 5] = None
+    out = crosshead.imhsa(*inputs, mix=mix)
+    grad_out = rand(*out.shape, dtype=torch.float32)
+    out.backward(grad_out)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(grad_out.to(torch.float64))
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out.to(torch.float64), expected, **tol)
+    for x, x64 in zip(inputs, inputs64):
+        if x is not None:
+            atol = tol["atol"] * max(1.0, x64.grad.abs().max().item())
+            torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, rtol=tol["rtol"], atol=atol)
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+def test_in_place_mixing_in_many_blocks(mix, monkeypatch):
+    """The maps are mixed in place block by block (reference._mix_inplace); with a tiny block every
+    map takes many blocks and a ragged last one, and the result does not change."""
+    from crosshead import reference
+
+    inputs = imhsa_inputs(2, 3, 70, 16, 12, dtype=torch.float64, requires_grad=True)
+    g = rand(2, 3, 70, 16)
+    grads = []
+    for block_bytes in (reference.MIX_CHUNK_BYTES, 64):
+        monkeypatch.setattr(reference, "MIX_CHUNK_BYTES", block_bytes)
+        out = crosshead.imhsa(*inputs, mix=mix)
+        out.backward(g)
+        grads.append([out.detach()] + [t.grad for t in inputs])
+        for t in inputs:
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_query_side_in_many_blocks(mix, interaction, monkeypatch):
+    """Below autograd the query side runs block by block over the tokens (crosshead/_blocked.py);
+    with 8-token blocks N = 70 takes nine, the last one ragged, and still matches the loop
+    reference in float64."""
+    from crosshead import _blocked
+
+    monkeypatch.setattr(_blocked, "MIN_TOKENS", 8)
+    monkeypatch.setattr(_blocked, "BLOCK_BYTES", 1)
+    inputs = imhsa_inputs(2, 3, 70, 16, 12, interaction=interaction, requires_grad=True)
+    out = crosshead.imhsa(*inputs, mix=mix)
+    g = rand(*out.shape)
+    out.backward(g)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(g)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    for x, x64 in zip(inputs, inputs64):
+        if x is not None:
+            torch.testing.assert_close(x.grad, x64.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("ws", ["both", "none", "q", "k"])
+def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
+    """On a GPU the kernels run the whole-map code in place instead of the blocks
+    (reference._blocks), the key side reusing the query side's buffers (which depends on which
+    side mixes); run that code here on the CPU, against the loop reference."""
+    from crosshead import reference
+
+    monkeypatch.setattr(reference, "_blocks", lambda t: False)
+    inputs = list(imhsa_inputs(2, 3, 70, 16, 12, interaction=ws != "none", requires_grad=True))
+    if ws in ("q", "k"):
+        inputs[6 if ws == "q" else 5] = None
+    out = crosshead.imhsa(*inputs, mix=mix)
+    g = rand(*out.shape)
+    out.backward(g)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(g)
+    torch.testing.assert_close(out, expected, **TOL[torch.float64])
+    for x, x64 in zip(inputs, inputs64):
+        if x is not None:
+            torch.testing.assert_close(x.grad, x64.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
+def test_whole_map_path_agrees_with_the_blocked_one(mix):
+    """Where autograd records (torch.compile, differentiating reference.imhsa itself), the kernels
+    run the whole-map functional code instead of the blocked, in-place one: both compute the same."""
+    from crosshead import reference
+
+    inputs = imhsa_inputs(2, 3, 40, 8, 6, requires_grad=True)
+    g = rand(2, 3, 40, 8)
+    with torch.no_grad():
+        fwd = reference.imhsa(*inputs, mix, 0.5)
+        bwd = reference.imhsa_backward(g, *inputs, *fwd[1:], mix, 0.5)
+    with torch.enable_grad():  # inputs require grad: autograd records, the functional path runs
+        fwd2 = reference.imhsa(*inputs, mix, 0.5)
+        bwd2 = reference.imhsa_backward(g, *inputs, *fwd2[1:], mix, 0.5)
+    assert fwd2[0].requires_grad and bwd2[0].requires_grad
+    for a, b in zip(fwd + bwd, fwd2 + bwd2):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_arithmetic_under_autocast():
+    """Under autocast the kernels still compute in float32 (imhsa.md): z and the logsumexps come
+    back float32, and the output is the float32 result rounded to bfloat16."""
+    q, k, v, ql, kl, w_q, w_k = imhsa_inputs(1, 2, 30, 8, 4, dtype=torch.bfloat16)
+    exact = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w_q, w_k, "post", 8 ** -0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z, lse_k, lse_q = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w_q, w_k, "post", 8 ** -0.5)
+    assert z.dtype == lse_k.dtype == lse_q.dtype == torch.float32
+    for a, b in zip((out, z, lse_k, lse_q), exact):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_float64_path_is_exact():
     inputs = imhsa_inputs(2, 3, 30, 8, 6)
     for mix in ("post", "pre"):
