@@ -7,8 +7,7 @@ import numbers
 
 import torch
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MIX_MODES = ("post", "pre")
+from ._op_checks import FLOAT_DTYPES as DTYPES, MIX_MODES
 
 
 def _tensor(name, t, rank):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import _logits, _mix, compute_dtype
+from ._maps import logits, mix_heads
+from .reference import compute_dtype
 
 
 def _softmax_jvp(p: Tensor, dx: Tensor) -> Tensor:
@@ -26,16 +27,16 @@ def _softmax_jvp(p: Tensor, dx: Tensor) -> Tensor:
 
 def _mix_jvp(w, w_t, x, x_t):
     """Tangent of mix(w, x)."""
-    y = _mix(w, x_t)
-    return y if w_t is None else y + _mix(w_t, x)
+    y = mix_heads(w, x_t)
+    return y if w_t is None else y + mix_heads(w_t, x)
 
 
 def _side_jvp(s, s_t, w, w_t, mix):
     """(Â, Â̇) of one side from the logits s and their tangent."""
     if mix == "post":
         p = torch.softmax(s, dim=-1)
-        return _mix(w, p), _mix_jvp(w, w_t, p, _softmax_jvp(p, s_t))
-    a = torch.softmax(_mix(w, s), dim=-1)
+        return mix_heads(w, p), _mix_jvp(w, w_t, p, _softmax_jvp(p, s_t))
+    a = torch.softmax(mix_heads(w, s), dim=-1)
     return a, _softmax_jvp(a, _mix_jvp(w, w_t, s, s_t))
 
 
@@ -48,7 +49,7 @@ def imhsa_jvp(q, k, v, q_land, k_land, w_q, w_k, mix: str, scale: float, tangent
     dq, dk, dv, dq_land, dk_land, dw_q, dw_k = (
         None if t is None else t.to(ct) for t in tangents)
 
-    s_k, s_q = _logits(q, k, k_land, q_land, scale)
+    s_k, s_q = logits(q, k, k_land, q_land, scale)
     zero_k, zero_q = torch.zeros_like(s_k), torch.zeros_like(s_q)
     ds_k = (zero_k if dq_land is None else torch.matmul(dq_land * scale, k.transpose(-1, -2))) + (
         0 if dk is None else torch.matmul(q_land * scale, dk.transpose(-1, -2)))

@@ -182,6 +182,8 @@ def _without_autocast(kernel, device_type: str):
     lse as the schema's fake kernel says: autocast, when on, must not recast the matmuls inside."""
 
     def run(*args):
+        if not torch.is_autocast_enabled(device_type):
+            return kernel(*args)
         with torch.autocast(device_type, enabled=False):
             return kernel(*args)
 

@@ -34,6 +34,8 @@ def _shape(t: torch.Tensor) -> list:
 
 
 def _check(cond, message) -> None:
+    if cond is True:  # a concrete condition that holds (eager calls): skip torch's checking machinery
+        return
     torch._check_value(cond, lambda: message() if callable(message) else message)
 
 

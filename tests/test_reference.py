@@ -65,15 +65,15 @@ def test_mixing_on_one_side_only(mix, side):
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
 def test_in_place_mixing_in_many_blocks(mix, monkeypatch):
-    """The maps are mixed in place block by block (reference._mix_inplace); with a tiny block every
+    """The maps are mixed in place block by block (_maps.mix_heads_inplace); with a tiny block every
     map takes many blocks and a ragged last one, and the result does not change."""
-    from crosshead import reference
+    from crosshead import _maps
 
     inputs = imhsa_inputs(2, 3, 70, 16, 12, dtype=torch.float64, requires_grad=True)
     g = rand(2, 3, 70, 16)
     grads = []
-    for block_bytes in (reference.MIX_CHUNK_BYTES, 64):
-        monkeypatch.setattr(reference, "MIX_CHUNK_BYTES", block_bytes)
+    for block_bytes in (_maps.MIX_CHUNK_BYTES, 64):
+        monkeypatch.setattr(_maps, "MIX_CHUNK_BYTES", block_bytes)
         out = crosshead.imhsa(*inputs, mix=mix)
         out.backward(g)
         grads.append([out.detach()] + [t.grad for t in inputs])
@@ -110,11 +110,11 @@ def test_query_side_in_many_blocks(mix, interaction, monkeypatch):
 @pytest.mark.parametrize("ws", ["both", "none", "q", "k"])
 def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
     """On a GPU the kernels run the whole-map code in place instead of the blocks
-    (reference._blocks), the key side reusing the query side's buffers (which depends on which
+    (_maps.use_blocks), the key side reusing the query side's buffers (which depends on which
     side mixes); run that code here on the CPU, against the loop reference."""
-    from crosshead import reference
+    from crosshead import _maps
 
-    monkeypatch.setattr(reference, "_blocks", lambda t: False)
+    monkeypatch.setattr(_maps, "use_blocks", lambda t: False)
     inputs = list(imhsa_inputs(2, 3, 70, 16, 12, interaction=ws != "none", requires_grad=True))
     if ws in ("q", "k"):
         inputs[6 if ws == "q" else 5] = None
@@ -131,12 +131,18 @@ def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
-def test_whole_map_path_agrees_with_the_blocked_one(mix):
+@pytest.mark.parametrize("blocks", [True, False], ids=["blocked", "whole_map"])
+def test_functional_path_agrees_with_the_in_place_one(mix, blocks, monkeypatch):
     """Where autograd records (torch.compile, differentiating reference.imhsa itself), the kernels
-    run the whole-map functional code instead of the blocked, in-place one: both compute the same."""
-    from crosshead import reference
+    run the whole-map functional code instead of the in-place one (blocked where N spans several
+    blocks, _blocked.worthwhile, else whole-map): both compute the same."""
+    from crosshead import _blocked, reference
 
+    if blocks:
+        monkeypatch.setattr(_blocked, "MIN_TOKENS", 8)
+        monkeypatch.setattr(_blocked, "BLOCK_BYTES", 1)
     inputs = imhsa_inputs(2, 3, 40, 8, 6, requires_grad=True)
+    assert _blocked.worthwhile(inputs[0], 6) == blocks
     g = rand(2, 3, 40, 8)
     with torch.no_grad():
         fwd = reference.imhsa(*inputs, mix, 0.5)
@@ -147,18 +153,6 @@ def test_whole_map_path_agrees_with_the_blocked_one(mix):
     assert fwd2[0].requires_grad and bwd2[0].requires_grad
     for a, b in zip(fwd + bwd, fwd2 + bwd2):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
-
-
-def test_float32_arithmetic_under_autocast():
-    """Under autocast the kernels still compute in float32 (imhsa.md): z and the logsumexps come
-    back float32, and the output is the float32 result rounded to bfloat16."""
-    q, k, v, ql, kl, w_q, w_k = imhsa_inputs(1, 2, 30, 8, 4, dtype=torch.bfloat16)
-    exact = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w_q, w_k, "post", 8 ** -0.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, z, lse_k, lse_q = torch.ops.crosshead.imhsa(q, k, v, ql, kl, w_q, w_k, "post", 8 ** -0.5)
-    assert z.dtype == lse_k.dtype == lse_q.dtype == torch.float32
-    for a, b in zip((out, z, lse_k, lse_q), exact):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_float64_path_is_exact():
