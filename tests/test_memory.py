@@ -2,20 +2,18 @@
 would take B·h·N²·4 bytes = 64 GiB, more than this 24 GiB machine has; the run's peak resident
 memory is measured in a fresh process and must stay far below one head's N×N map (16 GiB).
 
-Accuracy there is held to a componentwise forward error bound (Higham & Mary's probabilistic
-bound: an inner product of n terms computed in float32 is off by at most λ·√n·u·Σ|terms|, with
-probability at least 1 − 2n·exp(−λ²/2) whatever the summation order, u = 2⁻²⁴). Along
-out = Â_Q·(Â_K·v) the stages and their lengths are: the landmarks' bin means (n_bin), the logits
-(d), the head mixing (h), the two softmax sums (N and L), Z (N) and out (L); exp and the
-division add a few u. With the logits' size s = max |scale·q·kᵀ| over the landmark products, every
-output element obeys
+Accuracy there is held to the componentwise forward error bound of tests/error_bounds.py
+(Higham & Mary's probabilistic bound: an inner product of n terms computed in float32 is off by
+at most λ·√n·u·Σ|terms| whatever the summation order, u = 2⁻²⁴). Along out = Â_Q·(Â_K·v) the
+stages and their lengths are: the landmarks' bin means (n_bin), the logits (d), the head mixing
+(h), the two softmax sums (N and L), Z (N) and out (L), plus a few u for the elementwise steps.
+With the logits' size s = max |scale·q·kᵀ| over the landmark products, every output element obeys
 
-    |out − out₆₄| ≤ λ·u·(2√N + 2√L + 2·s·(√d + √n_bin) + 2√h + 4) · (|Â_Q|·|Â_K|·|v|)
+    |out − out₆₄| ≤ λ·u·(2√N + 2√L + √h + 2·s·(√d + √h + √n_bin) + 16) · (|Â_Q|·|Â_K|·|v|)
 
-λ = 8 makes a violation by rounding alone less likely than 1e-5 over all the inner products. v
-has mean 1, so Z is not a near-cancelling sum and the bound is within a small factor of the
-actual error's scale: it catches any real error above about 3e-4 of the output, yet cannot be
-failed by a summation order (the old fixed 1e-5 normwise tolerance was, once in three runs).
+with λ = 8. v has mean 1, so Z is not a near-cancelling sum and the bound is within a small factor
+of the actual error's scale, yet cannot be failed by a summation order (the old fixed 1e-5
+normwise tolerance was, once in three runs).
 """
 
 import json
@@ -29,7 +27,7 @@ import pytest
 CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, {tests!r})
-import crosshead, loop_reference
+import crosshead, error_bounds, loop_reference
 torch.manual_seed(0)
 B, h, d, H, W, size = 1, 4, 32, 256, 256, (7, 7)
 N = H * W
@@ -56,8 +54,8 @@ magnitude = a_q.abs() @ (a_k.abs() @ x64[2].abs())
 s = max((scale * x64[0][:, :, rows].abs() @ kl64.abs().transpose(-1, -2)).max().item(),
         (scale * ql64.abs() @ x64[1].abs().transpose(-1, -2)).max().item())
 n_bin = -(-H // size[0]) * -(-W // size[1])
-lam, u, L = 8.0, 2.0 ** -24, size[0] * size[1]
-factor = lam * u * (2 * N ** 0.5 + 2 * L ** 0.5 + 2 * s * (d ** 0.5 + n_bin ** 0.5) + 2 * h ** 0.5 + 4)
+factor = error_bounds.imhsa_factor(B, h, N, d, size[0] * size[1], s, torch.float32, backward=False,
+                                   n_bin=n_bin)
 err = (out.detach()[:, :, rows].double() - expected).abs()
 ratio = (err / (factor * magnitude)).max().item()
 rel_err = (err.max() / expected.abs().max()).item()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import crosshead
+import error_bounds
 from crosshead.nn import InteractiveMultiheadAttention
 
 
@@ -135,7 +136,11 @@ def test_cpu_autocast_bfloat16():
         assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert m.w_q.grad.dtype == torch.float32
-    torch.testing.assert_close(y.float(), m(x), rtol=5e-2, atol=5e-2)
+    # each within its bound of the exact output: Linear layers at bfloat16's u = 2⁻⁸, then float32
+    # (a worst-case bound, wide for bfloat16: a logit's rounding error passes through exp)
+    magnitude, f_bf16 = error_bounds.attention_module_bound(m, x, linear_roundoff=2.0 ** -8)
+    _, f_32 = error_bounds.attention_module_bound(m, x)
+    assert error_bounds.excess(y.float(), m(x), magnitude, f_bf16 + f_32, torch.float32) <= 1
 
 
 class _Model(nn.Module):
@@ -156,7 +161,14 @@ def test_torch_compile_fullgraph(backend):
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     out = compiled(x)
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    # two float32 evaluations of one function (inductor may fuse and reorder): each within the
+    # module's bound of the exact value, the head's Linear and the residual sum added
+    magnitude, factor = error_bounds.attention_module_bound(model.attn, x, grid=(4, 4))
+    with torch.no_grad():
+        magnitude = (x.abs().double() + magnitude) @ model.head.weight.double().abs().T \
+            + model.head.bias.double().abs()
+    factor += 2 * error_bounds.linear_factor(32, 2.0 ** -24)
+    assert error_bounds.excess(out, eager, magnitude, 2 * factor, torch.float32) <= 1
     out.sum().backward()
     assert model.attn.w_q.grad is not None
     explanation = torch._dynamo.explain(model)(x)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import crosshead
-from conftest import TOL
+import error_bounds
 from helpers import as64, imhsa_inputs, rand
 import loop_reference as ref
 
@@ -29,17 +29,34 @@ def test_forward_and_gradients_match_loop_reference(dtype, mix, shape, interacti
     expected.backward(grad_out.to(torch.float64))
 
     assert out.dtype == dtype and out.shape == expected.shape
-    tol = TOL[dtype]
-    torch.testing.assert_close(out.to(torch.float64), expected, **tol)
-    names = ["q", "k", "v", "q_land", "k_land", "w_q", "w_k"]
-    for name, x, x64 in zip(names, inputs, inputs64):
-        if x is None:
-            continue
-        assert x.grad is not None and x.grad.dtype == x.dtype, name
-        # gradients sum over N·L terms: scale the tolerance by the gradient's magnitude
-        atol = tol["atol"] * max(1.0, x64.grad.abs().max().item())
-        torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, rtol=tol["rtol"], atol=atol,
-                                   msg=lambda m: f"grad of {name}: {m}")
+    for name, x in zip(error_bounds.NAMES, inputs):
+        assert x is None or (x.grad is not None and x.grad.dtype == x.dtype), name
+    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, _grads(inputs64), mix,
+                                     shape[3] ** -0.5)
+
+
+def _grads(tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_the_bound_catches_a_kernel_that_lowers_its_precision(dtype):
+    """The tolerance above is an error bound, not a loose number: the op run on its inputs rounded
+    to bfloat16 (as a kernel whose products fell to bfloat16 would compute) breaks it, while the
+    op itself stays inside it."""
+    shape = (2, 3, 70, 16, 12)
+    inputs = imhsa_inputs(*shape, dtype=dtype, requires_grad=True)
+    out = crosshead.imhsa(*inputs, mix="pre")
+    g = rand(*out.shape, dtype=dtype)
+    out.backward(g)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix="pre")
+    expected.backward(g.to(torch.float64))
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), "pre", 16 ** -0.5)
+    lowered = [t.detach().bfloat16().to(dtype) for t in inputs]
+    bad = crosshead.imhsa(*lowered, mix="pre")
+    with pytest.raises(AssertionError, match="out: error"):
+        error_bounds.assert_imhsa_within(inputs, bad, None, expected, None, "pre", 16 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -55,12 +72,7 @@ def test_mixing_on_one_side_only(mix, side):
     inputs64 = as64(inputs)
     expected = ref.imhsa(*inputs64, mix=mix)
     expected.backward(grad_out.to(torch.float64))
-    tol = TOL[torch.float32]
-    torch.testing.assert_close(out.to(torch.float64), expected, **tol)
-    for x, x64 in zip(inputs, inputs64):
-        if x is not None:
-            atol = tol["atol"] * max(1.0, x64.grad.abs().max().item())
-            torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, rtol=tol["rtol"], atol=atol)
+    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, _grads(inputs64), mix, 8 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -71,16 +83,17 @@ def test_in_place_mixing_in_many_blocks(mix, monkeypatch):
 
     inputs = imhsa_inputs(2, 3, 70, 16, 12, dtype=torch.float64, requires_grad=True)
     g = rand(2, 3, 70, 16)
-    grads = []
+    runs = []
     for block_bytes in (_maps.MIX_CHUNK_BYTES, 64):
         monkeypatch.setattr(_maps, "MIX_CHUNK_BYTES", block_bytes)
         out = crosshead.imhsa(*inputs, mix=mix)
         out.backward(g)
-        grads.append([out.detach()] + [t.grad for t in inputs])
-        for t in inputs:
-            t.grad = None
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+        runs.append((out.detach(), _grads(inputs)))
+        if block_bytes != 64:
+            for t in inputs:
+                t.grad = None
+    (out, grads), (out_blocks, _) = runs
+    error_bounds.assert_imhsa_within(inputs, out_blocks, g, out, grads, mix, 16 ** -0.5, slack=2)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -100,10 +113,7 @@ def test_query_side_in_many_blocks(mix, interaction, monkeypatch):
     inputs64 = as64(inputs)
     expected = ref.imhsa(*inputs64, mix=mix)
     expected.backward(g)
-    torch.testing.assert_close(out, expected, **TOL[torch.float64])
-    for x, x64 in zip(inputs, inputs64):
-        if x is not None:
-            torch.testing.assert_close(x.grad, x64.grad, **TOL[torch.float64])
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), mix, 16 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -124,10 +134,7 @@ def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
     inputs64 = as64(inputs)
     expected = ref.imhsa(*inputs64, mix=mix)
     expected.backward(g)
-    torch.testing.assert_close(out, expected, **TOL[torch.float64])
-    for x, x64 in zip(inputs, inputs64):
-        if x is not None:
-            torch.testing.assert_close(x.grad, x64.grad, **TOL[torch.float64])
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), mix, 16 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -151,15 +158,16 @@ def test_functional_path_agrees_with_the_in_place_one(mix, blocks, monkeypatch):
         fwd2 = reference.imhsa(*inputs, mix, 0.5)
         bwd2 = reference.imhsa_backward(g, *inputs, *fwd2[1:], mix, 0.5)
     assert fwd2[0].requires_grad and bwd2[0].requires_grad
-    for a, b in zip(fwd + bwd, fwd2 + bwd2):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+    names = ("out", "z", "lse_k", "lse_q") + error_bounds.NAMES
+    got, want = dict(zip(names, fwd + bwd)), {n: t.detach() for n, t in zip(names, fwd2 + bwd2)}
+    error_bounds.assert_within(inputs, mix, 0.5, g, got, want, slack=2)
 
 
 def test_float64_path_is_exact():
     inputs = imhsa_inputs(2, 3, 30, 8, 6)
     for mix in ("post", "pre"):
-        torch.testing.assert_close(crosshead.imhsa(*inputs, mix=mix), ref.imhsa(*inputs, mix=mix),
-                                   **TOL[torch.float64])
+        error_bounds.assert_imhsa_within(inputs, crosshead.imhsa(*inputs, mix=mix), None,
+                                         ref.imhsa(*inputs, mix=mix), None, mix, 8 ** -0.5)
 
 
 def test_custom_scale():
@@ -178,8 +186,9 @@ def test_identity_interaction_makes_modes_agree(dtype):
     post = crosshead.imhsa(q, k, v, ql, kl, eye, eye, mix="post")
     pre = crosshead.imhsa(q, k, v, ql, kl, eye, eye, mix="pre")
     none = crosshead.imhsa(q, k, v, ql, kl, mix="pre")
-    torch.testing.assert_close(post, pre, **TOL[dtype])
-    torch.testing.assert_close(post, none, **TOL[dtype])
+    inputs = (q, k, v, ql, kl, eye, eye)
+    for other in (pre, none):  # two computed results of one exact value: twice the bound
+        error_bounds.assert_imhsa_within(inputs, other, None, post, None, "post", 8 ** -0.5, slack=2)
 
 
 def test_rows_of_the_two_hop_map_sum_to_one():
@@ -217,12 +226,19 @@ def test_landmarks_match_adaptive_avg_pool2d(dtype, grid, size, prefix):
     x64 = as64([x])[0]
     tokens = x64[:, :, prefix:].reshape(B * h, *grid, d).permute(0, 3, 1, 2)
     expected = F.adaptive_avg_pool2d(tokens, size).permute(0, 2, 3, 1).reshape(B, h, -1, d)
-    torch.testing.assert_close(out.to(torch.float64), expected, **TOL[dtype])
     torch.testing.assert_close(expected, ref.landmarks(x64, grid, size, prefix))
     g = rand(*out.shape, dtype=dtype)
     out.backward(g)
     expected.backward(g.to(torch.float64))
-    torch.testing.assert_close(x.grad.to(torch.float64), x64.grad, **TOL[dtype])
+    # bin means: the magnitudes are the same pooling of |x| and its adjoint of |g|
+    n_bin = (-(-grid[0] // size[0]) + 1) * (-(-grid[1] // size[1]) + 1)
+    factor = error_bounds.landmarks_factor(n_bin, dtype)
+    magnitude = ref.landmarks(x64.detach().abs(), grid, size, prefix)
+    x_abs = x64.detach().abs().requires_grad_()
+    grad_magnitude, = torch.autograd.grad(ref.landmarks(x_abs, grid, size, prefix), x_abs,
+                                          g.to(torch.float64).abs())
+    assert error_bounds.excess(out, expected, magnitude, factor, dtype) <= 1
+    assert error_bounds.excess(x.grad, x64.grad, grad_magnitude, factor, dtype) <= 1
     assert (x.grad[:, :, :prefix] == 0).all()
 
 
