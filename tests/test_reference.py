@@ -60,6 +60,22 @@ def test_the_bound_catches_a_kernel_that_lowers_its_precision(dtype):
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
+@pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
+def test_the_bounds_formulas_are_the_ops(mix, interaction):
+    """tests/error_bounds.py runs the op's forward and backward formulas on magnitudes; run on the
+    values themselves, the same formulas give the loop reference's output and gradients."""
+    inputs = imhsa_inputs(2, 3, 20, 8, 5, interaction=interaction, requires_grad=True)
+    g = rand(2, 3, 20, 8)
+    out = ref.imhsa(*inputs, mix=mix)
+    out.backward(g)
+    values = error_bounds.evaluate(*inputs, mix, 8 ** -0.5, g)
+    names = [n for n, x in zip(error_bounds.NAMES, inputs) if x is not None]
+    want = {"out": out.detach(), **{n: x.grad for n, x in zip(error_bounds.NAMES, inputs) if x is not None}}
+    error_bounds.assert_within(inputs, mix, 8 ** -0.5, g, {n: values[n] for n in ["out"] + names},
+                               want, slack=2)
+
+
+@pytest.mark.parametrize("mix", ["post", "pre"])
 @pytest.mark.parametrize("side", ["q", "k"])
 def test_mixing_on_one_side_only(mix, side):
     """w on one side, None on the other: the two sides of the kernels reuse each other's buffers,
