@@ -22,7 +22,6 @@ class Case:
     compiles: bool = False  # the first call compiles: the worker makes it before timing anything
 
 
-
 def _dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 

@@ -14,9 +14,10 @@ through a composition, each computed value T is then off by at most F·T̂, wher
   mixes logits) count s times, s = max of the logits' magnitude ŝ.
 
 A value returned in a narrower dtype than it was computed in adds its final rounding,
-u_out·|T|. With λ = 8, rounding alone breaks the bound with probability below 1e-12 per inner
-product: a test that uses it cannot fail on a summation order, and still catches an error a few
-times F·T̂ (tests/test_reference.py shows both).
+u_out·|T|. With λ = 8, rounding alone breaks the bound of an n-term sum with probability below
+2n·exp(−32) < 3e-14·n (under 1e-9 for the longest sums the tests form): a test that uses it cannot
+fail on a summation order, and still catches an error a few times F·T̂ (tests/test_reference.py
+shows both).
 """
 
 from __future__ import annotations
