@@ -20,23 +20,28 @@ SHAPES = [(2, 3, 70, 16, 12), (1, 1, 37, 8, 5), (2, 4, 29, 12, 1), (3, 2, 5, 3, 
 @pytest.mark.parametrize("interaction", [True, False], ids=["w", "no_w"])
 def test_forward_and_gradients_match_loop_reference(dtype, mix, shape, interaction):
     inputs = imhsa_inputs(*shape, dtype=dtype, interaction=interaction, requires_grad=True)
-    out = crosshead.imhsa(*inputs, mix=mix)
-    grad_out = rand(*out.shape, dtype=dtype)
-    out.backward(grad_out)
-
-    inputs64 = as64(inputs)  # the same (rounded) values, so only the op's own error is measured
-    expected = ref.imhsa(*inputs64, mix=mix)
-    expected.backward(grad_out.to(torch.float64))
-
+    out, grad_out, expected, grads = _op_and_loop_reference(inputs, mix)
     assert out.dtype == dtype and out.shape == expected.shape
     for name, x in zip(error_bounds.NAMES, inputs):
         assert x is None or (x.grad is not None and x.grad.dtype == x.dtype), name
-    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, _grads(inputs64), mix,
-                                     shape[3] ** -0.5)
+    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, grads, mix, shape[3] ** -0.5)
 
 
 def _grads(tensors):
     return [None if t is None else t.grad for t in tensors]
+
+
+def _op_and_loop_reference(inputs, mix):
+    """crosshead.imhsa forward, and backward of a fresh random output gradient, on inputs; and the
+    loop reference's on the same (rounded) values in float64, so that only the op's own error is
+    measured. Returns (out, grad_out, expected out, expected gradients)."""
+    out = crosshead.imhsa(*inputs, mix=mix)
+    grad_out = rand(*out.shape, dtype=out.dtype)
+    out.backward(grad_out)
+    inputs64 = as64(inputs)
+    expected = ref.imhsa(*inputs64, mix=mix)
+    expected.backward(grad_out.to(torch.float64))
+    return out, grad_out, expected, _grads(inputs64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -46,13 +51,8 @@ def test_the_bound_catches_a_kernel_that_lowers_its_precision(dtype):
     op itself stays inside it."""
     shape = (2, 3, 70, 16, 12)
     inputs = imhsa_inputs(*shape, dtype=dtype, requires_grad=True)
-    out = crosshead.imhsa(*inputs, mix="pre")
-    g = rand(*out.shape, dtype=dtype)
-    out.backward(g)
-    inputs64 = as64(inputs)
-    expected = ref.imhsa(*inputs64, mix="pre")
-    expected.backward(g.to(torch.float64))
-    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), "pre", 16 ** -0.5)
+    out, g, expected, grads = _op_and_loop_reference(inputs, "pre")
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, grads, "pre", 16 ** -0.5)
     lowered = [t.detach().bfloat16().to(dtype) for t in inputs]
     bad = crosshead.imhsa(*lowered, mix="pre")
     with pytest.raises(AssertionError, match="out: error"):
@@ -69,10 +69,10 @@ def test_the_bounds_formulas_are_the_ops(mix, interaction):
     out = ref.imhsa(*inputs, mix=mix)
     out.backward(g)
     values = error_bounds.evaluate(*inputs, mix, 8 ** -0.5, g)
-    names = [n for n, x in zip(error_bounds.NAMES, inputs) if x is not None]
-    want = {"out": out.detach(), **{n: x.grad for n, x in zip(error_bounds.NAMES, inputs) if x is not None}}
-    error_bounds.assert_within(inputs, mix, 8 ** -0.5, g, {n: values[n] for n in ["out"] + names},
-                               want, slack=2)
+    want = {"out": out.detach()}
+    want.update((n, x.grad) for n, x in zip(error_bounds.NAMES, inputs) if x is not None)
+    error_bounds.assert_within(inputs, mix, 8 ** -0.5, g, {n: values[n] for n in want}, want,
+                               slack=2)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -82,13 +82,8 @@ def test_mixing_on_one_side_only(mix, side):
     which depends on which side mixes."""
     inputs = list(imhsa_inputs(2, 3, 33, 8, 7, dtype=torch.float32, requires_grad=True))
     inputs[6 if side == "q" else 5] = None
-    out = crosshead.imhsa(*inputs, mix=mix)
-    grad_out = rand(*out.shape, dtype=torch.float32)
-    out.backward(grad_out)
-    inputs64 = as64(inputs)
-    expected = ref.imhsa(*inputs64, mix=mix)
-    expected.backward(grad_out.to(torch.float64))
-    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, _grads(inputs64), mix, 8 ** -0.5)
+    out, grad_out, expected, grads = _op_and_loop_reference(inputs, mix)
+    error_bounds.assert_imhsa_within(inputs, out, grad_out, expected, grads, mix, 8 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -123,13 +118,8 @@ def test_query_side_in_many_blocks(mix, interaction, monkeypatch):
     monkeypatch.setattr(_blocked, "MIN_TOKENS", 8)
     monkeypatch.setattr(_blocked, "BLOCK_BYTES", 1)
     inputs = imhsa_inputs(2, 3, 70, 16, 12, interaction=interaction, requires_grad=True)
-    out = crosshead.imhsa(*inputs, mix=mix)
-    g = rand(*out.shape)
-    out.backward(g)
-    inputs64 = as64(inputs)
-    expected = ref.imhsa(*inputs64, mix=mix)
-    expected.backward(g)
-    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), mix, 16 ** -0.5)
+    out, g, expected, grads = _op_and_loop_reference(inputs, mix)
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, grads, mix, 16 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
@@ -144,13 +134,8 @@ def test_whole_map_path_of_the_cuda_fallback(mix, ws, monkeypatch):
     inputs = list(imhsa_inputs(2, 3, 70, 16, 12, interaction=ws != "none", requires_grad=True))
     if ws in ("q", "k"):
         inputs[6 if ws == "q" else 5] = None
-    out = crosshead.imhsa(*inputs, mix=mix)
-    g = rand(*out.shape)
-    out.backward(g)
-    inputs64 = as64(inputs)
-    expected = ref.imhsa(*inputs64, mix=mix)
-    expected.backward(g)
-    error_bounds.assert_imhsa_within(inputs, out, g, expected, _grads(inputs64), mix, 16 ** -0.5)
+    out, g, expected, grads = _op_and_loop_reference(inputs, mix)
+    error_bounds.assert_imhsa_within(inputs, out, g, expected, grads, mix, 16 ** -0.5)
 
 
 @pytest.mark.parametrize("mix", ["post", "pre"])
