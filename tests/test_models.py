@@ -78,8 +78,9 @@ def test_forward_features_and_head():
     assert model(x).shape == (2, 3)
     deit = M.deit_imhsa_tiny(num_classes=4, depth=2)
     assert deit.forward_features(torch.randn(1, 3, 48, 64)).shape == (1, 1 + 3 * 4, 192)
-    with pytest.raises(ValueError, match="features_only"):
-        M.deit_imhsa_tiny(features_only=True)
+    # a plain ViT's features: stride-16 maps of its last blocks (test_models_api.py has the rest)
+    feats = M.deit_imhsa_tiny(features_only=True, depth=2, out_indices=(0, 1))(torch.randn(1, 3, 48, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 192, 3, 4)] * 2
 
 
 def test_input_must_be_divisible_by_32():

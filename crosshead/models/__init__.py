@@ -8,14 +8,15 @@ timm is installed, so ``timm.create_model("ivit_tiny", num_classes=10)`` works; 
 
 from __future__ import annotations
 
-from .attention import OWN_NAMES as ATTENTIONS, build_attention
-from .deit import DeiTIMHSA
+from .attention import FX_LEAF_MODULES, OWN_NAMES as ATTENTIONS, build_attention
+from .deit import DeiTFeatures, DeiTIMHSA
+from .features import FeatureInfo
 from .ivit import FeaturePyramid, IViT
 from .zoo import (create_model, deit_imhsa_small, deit_imhsa_tiny, ivit_base, ivit_small, ivit_tiny,
                   list_models, register_with_timm)
 
 TIMM_REGISTERED = register_with_timm()
 
-__all__ = ["ATTENTIONS", "DeiTIMHSA", "FeaturePyramid", "IViT", "build_attention", "create_model",
-           "deit_imhsa_small", "deit_imhsa_tiny", "ivit_base", "ivit_small", "ivit_tiny", "list_models",
-           "TIMM_REGISTERED"]
+__all__ = ["ATTENTIONS", "DeiTFeatures", "DeiTIMHSA", "FX_LEAF_MODULES", "FeatureInfo", "FeaturePyramid", "IViT",
+           "build_attention", "create_model", "deit_imhsa_small", "deit_imhsa_tiny", "ivit_base", "ivit_small",
+           "ivit_tiny", "list_models", "TIMM_REGISTERED"]

@@ -68,6 +68,11 @@ class SoftmaxAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+# modules FX symbolic tracing must keep whole (their forward branches on the input's shape): timm's
+# tracer gets them through register_notrace_module; give them to any other tracer as leaf modules
+FX_LEAF_MODULES = (InteractiveMultiheadAttention, GridInteractiveAttention, SoftmaxAttention)
+
+
 def canonical(name: str) -> str:
     return _ALIASES.get(name, name)
 

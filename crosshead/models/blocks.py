@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.utils.checkpoint import checkpoint
 
 from .attention import build_attention
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: zeroes whole samples with probability p, scales the rest by 1/(1-p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def check_sides(x: Tensor, multiple: int, what: str) -> None:
+    """Refuses an input whose height or width is not a multiple of ``multiple``."""
+    if x.shape[-1] % multiple or x.shape[-2] % multiple:
+        raise ValueError(f"{what} needs input sides divisible by {multiple}, got {tuple(x.shape[-2:])}")
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args) -> Tensor:
+    """``block(*args)``, recomputed in the backward instead of stored when ``checkpointed`` (activation
+    checkpointing; the RNG state is restored, so stochastic depth draws the same masks)."""
+    if checkpointed and not is_fx_symbolic_tracing():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+# FX symbolic tracing (timm's feature extraction, torchvision's create_feature_extractor) records these
+# as single calls instead of tracing into their shape-dependent branches
+torch.fx.wrap("drop_path")
 
 
 class DropPath(nn.Module):
@@ -17,11 +48,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return drop_path(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -97,32 +124,6 @@ class AttentionBlock(nn.Module):
         x = x + self.drop_path(y if self.gamma1 is None else y * self.gamma1)
         y = self.mlp(self.norm2(x))
         return x + self.drop_path(y if self.gamma2 is None else y * self.gamma2)
-
-
-class ClassifierHead:
-    """timm's classifier API for a model whose classifier is ``self.head`` on ``self.num_features``."""
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-
-class FeatureInfo(list):
-    """List of {num_chs, reduction, module} dicts with timm's ``channels()`` / ``reduction()`` helpers."""
-
-    def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self]
-
-    def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self]
-
-    def module_name(self) -> list[str]:
-        return [f["module"] for f in self]
 
 
 def init_weights(module: nn.Module) -> None:

@@ -24,15 +24,19 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
-from .blocks import AttentionBlock, ClassifierHead, ConvBlock, FeatureInfo, LayerNorm2d, init_weights
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from . import pooling
+from .blocks import AttentionBlock, ConvBlock, LayerNorm2d, check_sides, init_weights, run_block
+from .features import FeaturesOnly, check_output_fmt, take_indices
 
 CONFIGS = {
     "ivit_tiny": dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(8, 16), drop_path_rate=0.1),
     "ivit_small": dict(dims=(64, 128, 320, 512), depths=(3, 4, 12, 3), num_heads=(10, 16), drop_path_rate=0.2),
     "ivit_base": dict(dims=(96, 192, 384, 768), depths=(3, 4, 18, 3), num_heads=(12, 24), drop_path_rate=0.3),
 }
+DEFAULT_OUT_INDICES = (1, 2, 3)  # features_only: strides 8, 16, 32
+STRIDE = 32
+
+torch.fx.wrap("check_sides")
 
 
 class Stem(nn.Sequential):
@@ -49,19 +53,21 @@ class Downsample(nn.Sequential):
 class ConvStage(nn.Module):
     def __init__(self, dim_in, dim, depth, drop_paths, downsample: bool, mlp_ratio: float):
         super().__init__()
+        self.grad_checkpointing = False
         self.downsample = Downsample(dim_in, dim) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(ConvBlock(dim, mlp_ratio, dp) for dp in drop_paths[:depth])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, self.grad_checkpointing, x)
         return x
 
 
 class AttentionStage(nn.Module):
     def __init__(self, dim_in, dim, depth, heads, drop_paths, mlp_ratio, attn, landmarks, attn_kwargs):
         super().__init__()
+        self.grad_checkpointing = False
         self.downsample = Downsample(dim_in, dim)
         self.blocks = nn.ModuleList(
             AttentionBlock(dim, heads, attn=attn, mlp_ratio=mlp_ratio, landmarks=landmarks, drop_path=dp,
@@ -73,11 +79,11 @@ class AttentionStage(nn.Module):
         B, C, H, W = x.shape
         t = x.flatten(2).transpose(1, 2)
         for blk in self.blocks:
-            t = blk(t, (H, W))
+            t = run_block(blk, self.grad_checkpointing, t, (H, W))
         return self.norm(t.transpose(1, 2).reshape(B, C, H, W))
 
 
-class IViT(ClassifierHead, nn.Module):
+class IViT(pooling.ClassifierHead, nn.Module):
     """Hierarchical iMHSA vision transformer (4 stages, strides 4/8/16/32).
 
     Args:
@@ -86,17 +92,20 @@ class IViT(ClassifierHead, nn.Module):
         attn: attention of every transformer block (see :mod:`crosshead.models.attention`).
         landmarks: landmark grid of every iMHSA block. Default: (7, 7).
         num_classes: classifier outputs; 0 for no classifier (``forward`` returns pooled features).
+        global_pool: ``avg`` (default), ``max``, ``avgmax``, ``catavgmax`` or ``''`` (no pooling; the
+            classifier, if any, applies per position), see :mod:`crosshead.models.pooling`.
         in_chans, mlp_ratio, drop_rate (before the classifier), drop_path_rate (linear over blocks).
         attn_kwargs: extra constructor arguments of the attention modules.
     """
+
+    _global_pools = pooling.MAP_POOLS
 
     def __init__(self, dims: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (2, 2, 6, 2),
                  num_heads: Sequence[int] = (8, 16), *, attn: str = "imhsa_post", landmarks=(7, 7),
                  num_classes: int = 1000, in_chans: int = 3, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, attn_kwargs: dict | None = None, global_pool: str = "avg"):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        pooling.check(global_pool, self._global_pools, type(self).__name__)
         dims = _validate.int_sequence("dims", dims, 4, minimum=2)  # the stem's first conv has dims[0] // 2
         depths = _validate.int_sequence("depths", depths, 4, minimum=0)
         num_heads = _validate.int_sequence("num_heads", num_heads, 2)
@@ -106,8 +115,7 @@ class IViT(ClassifierHead, nn.Module):
         num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate = _validate.model_head_args(
             num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate)
         self.dims, self.depths, self.attn_name = tuple(dims), tuple(depths), attn
-        self.num_classes, self.num_features, self.global_pool = num_classes, dims[-1], global_pool
-        self.head_hidden_size = dims[-1]
+        self.num_features = dims[-1]
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         starts = [sum(depths[:i]) for i in range(4)]
         self.stem = Stem(in_chans, dims[0])
@@ -119,10 +127,9 @@ class IViT(ClassifierHead, nn.Module):
             AttentionStage(dims[2], dims[3], depths[3], num_heads[1], dpr[starts[3]:], mlp_ratio, attn,
                            landmarks, attn_kwargs),
         ])
-        self.feature_info = FeatureInfo(dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}")
-                                        for i in range(4))
+        self.feature_info = [dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f"stages.{i}") for i in range(4)]
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._set_classifier(num_classes, global_pool)
         init_weights(self)
 
     # timm-style API --------------------------------------------------------------------------------
@@ -130,72 +137,86 @@ class IViT(ClassifierHead, nn.Module):
         """Names to exclude from weight decay besides 1-D parameters: the (h, h) cross-head maps."""
         return {n for n, _ in self.named_parameters() if n.endswith((".w_q", ".w_k"))}
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"iViT needs input sides divisible by 32, got {tuple(x.shape[-2:])}")
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise lr decay (timm's ``param_groups_layer_decay``): the stem, then
+        each block with its stage's downsampling before the first block and its norm after the last."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^stages\.(\d+)\.norm", (99999,)),
+        ])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward instead of storing its activations."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs (timm's API). ``indices``: None for all 4 stages, n for the last n, or the stages
+        (negative from the end). ``output_fmt``: NCHW or NHWC. Returns ``(last map, stage maps)``, or the
+        stage maps alone with ``intermediates_only``; ``stop_early`` runs no stage after the last one taken.
+        ``norm`` is accepted and changes nothing: every attention stage already ends in its norm."""
+        check_output_fmt(output_fmt, ("NCHW", "NHWC"))
+        taken, last = take_indices(len(self.stages), indices)
+        check_sides(x, STRIDE, "iViT")
+        x = self.stem(x)
+        intermediates = []
+        stages = self.stages[:last + 1] if stop_early or intermediates_only else self.stages
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in taken:
+                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops the stages after the last of ``indices`` (and the classifier, with ``prune_head``);
+        returns the absolute indices. ``prune_norm`` changes nothing (no final norm)."""
+        taken, last = take_indices(len(self.stages), indices)
+        self.stages = self.stages[:last + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return taken
 
     def forward_pyramid(self, x: Tensor) -> list[Tensor]:
         """The 4 stage outputs (B, C_i, H/2^(i+2), W/2^(i+2)), strides 4, 8, 16, 32."""
-        self._check_input(x)
-        x = self.stem(x)
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+        return self.forward_intermediates(x, intermediates_only=True)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Last stage map (B, C4, H/32, W/32) (unpooled, like timm's convolutional backbones)."""
-        return self.forward_pyramid(x)[-1]
+        check_sides(x, STRIDE, "iViT")
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        x = self.head_drop(pooling.pool_map(x, self.global_pool))
+        if pre_logits:
+            return x
+        if self.global_pool == "" and self.num_classes > 0:  # the classifier per position
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-class FeaturePyramid(nn.Module):
-    """``features_only`` wrapper: ``forward(x)`` → list of stage maps for ``out_indices``.
+class FeaturePyramid(FeaturesOnly, IViT):
+    """iViT's ``features_only`` form: ``forward(x)`` → the stage maps of ``out_indices`` (default (1, 2, 3):
+    strides 8, 16, 32, the inputs of an FPN-style head). ``feature_info`` describes them (timm's
+    FeatureInfo). Same parameter names as the classifier, without the stages after the last index and
+    without the head."""
 
-    Default out_indices (1, 2, 3): strides 8, 16, 32, the inputs of an FPN-style detection or
-    segmentation head. ``feature_info.channels()`` / ``.reduction()`` describe them.
-    """
-
-    def __init__(self, model: IViT, out_indices: Sequence[int] = (1, 2, 3)):
-        super().__init__()
-        out_indices = tuple(out_indices)
-        if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f"out_indices must be a non-empty subset of 0..3, got {out_indices}")
-        last = max(out_indices)
-        self.out_indices = out_indices
-        self.stem = model.stem
-        self.stages = nn.ModuleList(model.stages[: last + 1])
-        self.feature_info = FeatureInfo(model.feature_info[i] for i in out_indices)
-        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        if x.shape[-1] % 32 or x.shape[-2] % 32:
-            raise ValueError(f"iViT needs input sides divisible by 32, got {tuple(x.shape[-2:])}")
-        x = self.stem(x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(x)
-        return outs
+    def __init__(self, *args, out_indices=DEFAULT_OUT_INDICES, output_fmt: str = "NCHW", norm: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        check_output_fmt(output_fmt, ("NCHW", "NHWC"))
+        self._become_features(out_indices, output_fmt=output_fmt, norm=norm)
 
 
-def build(name: str, *, features_only: bool = False, out_indices: Sequence[int] = (1, 2, 3), **kwargs):
+def build(name: str, *, features: dict | None = None, **kwargs) -> IViT:
+    """``features``: None for the classifier, else the features_only arguments (out_indices, output_fmt, norm)."""
     cfg = {**CONFIGS[name], **kwargs}
-    model = IViT(**cfg)
-    model.pretrained_cfg = model.default_cfg = dict(
-        architecture=name, input_size=(cfg.get("in_chans", 3), 224, 224), min_input_size=(cfg.get("in_chans", 3), 32, 32),
-        num_classes=model.num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
-        crop_pct=0.9, first_conv="stem.0", classifier="head", fixed_input_size=False)
-    if features_only:
-        return FeaturePyramid(model, out_indices)
-    return model
+    return IViT(**cfg) if features is None else FeaturePyramid(**cfg, **features)
