@@ -109,3 +109,277 @@ def test_torchrun_two_process_gloo_ranks_agree(tmp_path):
     assert all(r["test_images"] == 65 for r in log if r["kind"] == "epoch")
     assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [0, 1]
     assert proc.stdout.count('"kind": "final"') == 1
+
+
+# --- issue #14: never lose or silently change work ------------------------------------------------
+# Each fault found by injection (kills at chosen moments, damaged files, odd flags) is either correct
+# behaviour or a refusal before any work; the refusals exit through SystemExit naming the flag or file.
+
+import shutil  # noqa: E402
+import struct  # noqa: E402
+import zipfile  # noqa: E402
+
+from crosshead.train import checkpoint, loop  # noqa: E402
+
+BAD_FLAGS = [  # (arguments, flag the message must name)
+    (["--clip-grad", "-1"], "--clip-grad"), (["--clip-grad", "0"], "--clip-grad"), (["--clip-grad", "nan"], "--clip-grad"),
+    (["--image-size", "0"], "--image-size"), (["--limit-test", "0"], "--limit-test"), (["--epochs", "0"], "--epochs"),
+    (["--epochs", "-2"], "--epochs"), (["--batch-size", "0"], "--batch-size"), (["--lr", "0"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--weight-decay", "-0.1"], "--weight-decay"), (["--workers", "-1"], "--workers"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch"), (["--smoothing", "1.5"], "--smoothing"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--drop-path", "1"], "--drop-path"), (["--log-every", "-1"], "--log-every"), (["--train-size", "0"], "--train-size"),
+    (["--landmarks", "0", "4"], "--landmarks"), (["--model-kwargs", "[1]"], "--model-kwargs"),
+    (["--checkpoint", "x.pt"], "--checkpoint"), (["--eval-only"], "--eval-only"), (["--device", "nonsense"], "--device"),
+]
+
+
+@pytest.mark.parametrize("bad,flag", BAD_FLAGS, ids=[" ".join(b) for b, _ in BAD_FLAGS])
+def test_meaningless_flag_values_refused_before_work(tmp_path, capsys, bad, flag):
+    with pytest.raises(SystemExit) as e:
+        cli.main(TINY + bad + ["--out", str(tmp_path / "run")])
+    assert e.value.code == 2  # argparse's usage error
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is unavailable")
+def test_device_cuda_without_cuda_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(TINY + ["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and ("CPU-only build" in err or "no cuda device" in err)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished 1-epoch run (step records every step); tests copy it before touching it. With a 1-epoch
+    warm-up, epoch 0 is the same whatever the --epochs total."""
+    out = tmp_path_factory.mktemp("one_epoch") / "run"
+    cli.main(TINY + ["--epochs", "1", "--log-every", "1", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    final = cli.main(TINY + ["--epochs", "2", "--log-every", "1", "--out", str(out)])
+    return out, final
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _resume(run, *extra):
+    return cli.main(TINY + ["--epochs", "2", "--log-every", "1", "--resume", str(run / "last.pt"),
+                            "--out", str(run), *extra])
+
+
+def _files(run):
+    return {p.name: p.read_bytes() for p in sorted(Path(run).iterdir())}
+
+
+def _assert_no_duplicates(log):
+    assert sum(r["kind"] == "config" for r in log) == 1
+    assert [r["epoch"] for r in log if r["kind"] == "epoch"] == [0, 1]
+    steps = [(r["epoch"], r["step"]) for r in log if r["kind"] == "step"]
+    assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+
+
+def test_existing_out_refused_and_left_unchanged(tmp_path, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    before = _files(run)
+    with pytest.raises(SystemExit, match=r"already holds log.jsonl and last.pt .*--resume"):
+        cli.main(TINY + ["--epochs", "1", "--out", str(run)])
+    # resuming another run's checkpoint into it would overwrite its last.pt and mix the logs
+    other = _copy(one_epoch, tmp_path / "other")
+    with pytest.raises(SystemExit, match="would overwrite or mix into"):
+        cli.main(TINY + ["--epochs", "2", "--resume", str(other / "last.pt"), "--out", str(run)])
+    (run / "last.pt").unlink()  # a run killed before its first checkpoint: its log is kept too
+    with pytest.raises(SystemExit, match="already holds log.jsonl of an earlier run"):
+        cli.main(TINY + ["--epochs", "1", "--out", str(run)])
+    assert _files(run) == {k: v for k, v in before.items() if k != "last.pt"}
+
+
+def test_resume_refuses_changed_model_flags_and_nothing_to_do(tmp_path, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    before = _files(run)
+    with pytest.raises(SystemExit, match=r"--image-size 64 differs from checkpoint .*last.pt's None"):
+        _resume(run, "--image-size", "64")
+    with pytest.raises(SystemExit, match=r"--seed 1 differs"):
+        _resume(run, "--seed", "1")
+    with pytest.raises(SystemExit, match=r"has finished 1 epoch\(s\) .*--epochs 1 leaves nothing to train"):
+        _resume(run, "--epochs", "1")
+    with pytest.raises(SystemExit, match=r"checkpoint .*nope.pt does not exist"):
+        cli.main(TINY + ["--resume", str(run / "nope.pt"), "--out", str(tmp_path / "new")])
+    assert _files(run) == before
+
+
+def _flip_tensor_bytes(path):
+    """Flips bytes in the middle of the largest tensor's data: torch's zip reader does not notice."""
+    with zipfile.ZipFile(path) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(rec.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(rec.header_offset + 30 + name_len + extra_len + rec.file_size // 2)
+        b = f.read(4)
+        f.seek(-4, 1)
+        f.write(bytes(x ^ 0x5A for x in b))
+
+
+def test_damaged_checkpoint_refused(tmp_path, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    good = torch.load(run / "last.pt", weights_only=False)
+    _flip_tensor_bytes(run / "last.pt")
+    flipped = torch.load(run / "last.pt", weights_only=False)  # loads without complaint...
+    assert any(not torch.equal(a, b) for a, b in zip(good["model"].values(), flipped["model"].values())) or any(
+        not torch.equal(a, b) for sa, sb in zip(good["optimizer"]["state"].values(), flipped["optimizer"]["state"].values())
+        for a, b in zip(sa.values(), sb.values()))
+    before = _files(run)
+    pattern = f"checkpoint {run / 'last.pt'} is corrupted"
+    with pytest.raises(SystemExit, match=pattern):  # ...but not past the checksum
+        _resume(run)
+    with pytest.raises(SystemExit, match=pattern):
+        cli.main(["--eval-only", "--checkpoint", str(run / "last.pt"), "--out", str(run), "--device", "cpu"])
+    assert _files(run) == before
+
+    data = (one_epoch / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="is unreadable"):
+        _resume(run)
+
+    good["model"][next(k for k in good["model"] if k.endswith("weight"))].view(-1)[0] = float("nan")
+    good["sha256"] = checkpoint.digest(good)  # intact file, broken content
+    torch.save(good, run / "last.pt")
+    with pytest.raises(SystemExit, match="holds non-finite values in"):
+        _resume(run)
+
+
+def test_nan_keeps_last_good_checkpoint_and_resume_applies_new_lr(tmp_path, monkeypatch, one_epoch, two_epochs):
+    run = _copy(one_epoch, tmp_path)
+    ckpt0 = (run / "last.pt").read_bytes()
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_at_epoch1_step1(logits, y, **kw):
+        loss = real(logits, y, **kw)
+        if kw.get("reduction", "mean") == "mean":  # training, not evaluation
+            calls.append(1)
+            if len(calls) == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", nan_at_epoch1_step1)
+    with pytest.raises(FloatingPointError, match=r"epoch 1 step 1.*last good checkpoint.*\(epoch 0\), is kept"):
+        _resume(run)
+    monkeypatch.undo()
+    assert (run / "last.pt").read_bytes() == ckpt0
+
+    # the usual recovery: resume with a lower lr (and another weight decay); both take effect
+    _resume(run, "--lr", "5e-4", "--weight-decay", "0.01")
+    log = _log(run)
+    _assert_no_duplicates(log)
+    resumes = [r for r in log if r["kind"] == "resume"]
+    assert len(resumes) == 2 and resumes[-1]["dropped_records"] == 1  # the step record before the NaN
+    changed = resumes[-1]["changed"]
+    assert changed["lr"] == {"from": 1e-3, "to": 5e-4} and changed["weight_decay"] == {"from": 0.05, "to": 0.01}
+    assert set(changed) == {"lr", "weight_decay", "epochs", "out"}  # out: this test copied the run
+    ck = torch.load(run / "last.pt", weights_only=False)
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.01, 0.0]
+    assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]] == [5e-4, 5e-4]
+    assert ck["scheduler"]["base_lrs"] == [5e-4, 5e-4]
+    # the schedule continued from the restored step with the new peak: half the uninterrupted run's lr
+    lr_resumed = [r["lr"] for r in log if r["kind"] in ("epoch", "step") and r["epoch"] == 1]
+    lr_straight = [r["lr"] for r in _log(two_epochs[0]) if r["kind"] in ("epoch", "step") and r["epoch"] == 1]
+    assert lr_resumed == pytest.approx([lr / 2 for lr in lr_straight], rel=1e-12)
+
+
+def test_nan_weights_after_an_epoch_not_checkpointed(tmp_path, monkeypatch, one_epoch):
+    run = _copy(one_epoch, tmp_path)
+    ckpt0 = (run / "last.pt").read_bytes()
+    real = loop.train_one_epoch
+
+    def breaks_weights_on_last_step(model, *a, **kw):
+        res = real(model, *a, **kw)
+        next(model.parameters()).data.view(-1)[0] = float("inf")
+        return res
+
+    monkeypatch.setattr(loop, "train_one_epoch", breaks_weights_on_last_step)
+    with pytest.raises(FloatingPointError, match=r"non-finite .* after epoch 1, not saved; the last good checkpoint"):
+        _resume(run)
+    assert (run / "last.pt").read_bytes() == ckpt0
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_kill_between_log_line_and_checkpoint_leaves_no_duplicates(tmp_path, monkeypatch, one_epoch, two_epochs):
+    run = _copy(one_epoch, tmp_path)
+
+    def killed(*a, **kw):
+        raise _Killed  # the epoch-1 record is in the log, its checkpoint never written
+
+    monkeypatch.setattr(checkpoint, "save", killed)
+    with pytest.raises(_Killed):
+        _resume(run)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in _log(run) if r["kind"] == "epoch"] == [0, 1]
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"time": 1, "kind": "ste')  # and a record cut short by the kill
+    final = _resume(run)
+    log = _log(run)
+    _assert_no_duplicates(log)
+    assert [r["dropped_records"] for r in log if r["kind"] == "resume"] == [0, 5]  # 3 steps, epoch, cut line
+    assert final["state_hash"] == two_epochs[1]["state_hash"]
+    straight = [r for r in _log(two_epochs[0]) if r["kind"] == "epoch"]
+    for ra, rb in zip(straight, [r for r in log if r["kind"] == "epoch"]):
+        assert (ra["train_loss"], ra["test_acc"], ra["lr"]) == (rb["train_loss"], rb["test_acc"], rb["lr"])
+
+
+def test_resume_exact_with_workers(tmp_path):
+    args = TINY + ["--workers", "2", "--limit-test", "16"]
+    straight = cli.main(args + ["--epochs", "2", "--out", str(tmp_path / "straight")])
+    cli.main(args + ["--epochs", "1", "--out", str(tmp_path / "split")])
+    resumed = cli.main(args + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt"),
+                               "--out", str(tmp_path / "split")])
+    assert resumed["state_hash"] == straight["state_hash"]
+
+
+def _image_folders(root, train, val):
+    from PIL import Image
+
+    for split, classes in (("train", train), ("val", val)):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for j in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 10 * j, 0)).save(root / split / c / f"{j}.png")
+
+
+IMAGEFOLDER = ["--dataset", "imagefolder", "--image-size", "32", "--epochs", "1", "--batch-size", "2",
+               "--no-progress", "--device", "cpu", "--model-kwargs", json.dumps({"dims": [16, 32, 64, 128],
+                                                                                "depths": [1, 1, 1, 1]})]
+
+
+def test_imagefolder_class_sets_compared_before_work(tmp_path):
+    renamed, extra = tmp_path / "renamed", tmp_path / "extra"
+    _image_folders(renamed, ["cat", "dog"], ["cat", "dgo"])
+    _image_folders(extra, ["cat", "dog"], ["cat", "dog", "eel"])
+    with pytest.raises(SystemExit, match=r"only in train: \['dog'\], only in val: \['dgo'\]"):
+        cli.main(IMAGEFOLDER + ["--data-dir", str(renamed), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=r"only in train: \[\], only in val: \['eel'\]"):
+        cli.main(IMAGEFOLDER + ["--data-dir", str(extra), "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--data-dir is not read by --dataset digits"):
+        cli.main(TINY + ["--data-dir", str(extra), "--out", str(tmp_path / "c")])
+    assert not any((tmp_path / x).exists() for x in "abc")
+
+
+def test_imagefolder_same_classes_trains(tmp_path):
+    pytest.importorskip("torchvision", reason="the imagefolder data set needs torchvision")
+    _image_folders(tmp_path / "data", ["cat", "dog"], ["cat", "dog"])
+    res = cli.main(IMAGEFOLDER + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert res["test_acc"] is not None and _log(tmp_path / "run")[0]["test_samples"] == 4

@@ -111,12 +111,43 @@ def _torchvision(name: str, root: str, split: str, image_size: int, augment: boo
             raise RuntimeError(f"{name} not found under --data-dir {root!r} (nothing is downloaded): {e}") from e
         n_classes = 10 if name == "cifar10" else 100
     else:
-        sub = os.path.join(root, "train" if train else ("val" if os.path.isdir(os.path.join(root, "val")) else "test"))
-        if not os.path.isdir(sub):
-            raise RuntimeError(f"imagefolder expects {root!r}/train and {root!r}/val (or /test) class folders")
-        ds = torchvision.datasets.ImageFolder(sub, transform=tf)
+        ds = torchvision.datasets.ImageFolder(_imagefolder_dirs(root)[0 if train else 1], transform=tf)
         n_classes = len(ds.classes)
     return ds, DataInfo(3, n_classes, image_size, mean, std)
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as asked (missing files, mismatched class folders)."""
+
+
+def _imagefolder_dirs(root: str) -> tuple[str, str]:
+    test = os.path.join(root, "val")
+    return os.path.join(root, "train"), test if os.path.isdir(test) else os.path.join(root, "test")
+
+
+def _class_folders(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())  # as torchvision's find_classes
+
+
+def check_imagefolder(root: str) -> None:
+    """Labels are indices into each split's sorted class folder names, so train and val/test must hold
+    the same class folders: otherwise a val class is scored as another, or its index is out of range."""
+    train, test = _imagefolder_dirs(root)
+    if not (os.path.isdir(train) and os.path.isdir(test)):
+        raise DataError(f"imagefolder expects {root!r}/train and {root!r}/val (or /test) class folders")
+    a, b = _class_folders(train), _class_folders(test)
+    if a != b:
+        tn = os.path.basename(test)
+        raise DataError(f"imagefolder {root!r}: train and {tn} have different class folders (labels would not "
+                        f"match): only in train: {sorted(set(a) - set(b))}, only in {tn}: {sorted(set(b) - set(a))}")
+
+
+def check(name: str, data_dir: str | None) -> None:
+    """What can be checked about a data set before anything is loaded; DataError if it cannot work."""
+    if name in ("cifar10", "cifar100", "imagefolder") and not data_dir:
+        raise DataError(f"data set {name!r} needs --data-dir")
+    if name == "imagefolder":
+        check_imagefolder(data_dir)
 
 
 def build(name: str, split: str, *, image_size: int | None = None, data_dir: str | None = None,
@@ -130,6 +161,8 @@ def build(name: str, split: str, *, image_size: int | None = None, data_dir: str
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if image_size is not None and image_size <= 0:
+        raise DataError(f"image_size must be positive (None: the data set's default), got {image_size}")
     if name == "digits":
         return _digits(split, image_size or 32, augment)
     if name.startswith("pathfinder"):
@@ -137,8 +170,7 @@ def build(name: str, split: str, *, image_size: int | None = None, data_dir: str
         n = train_size if split == "train" else test_size
         return _pathfinder(size, split, image_size or size, n, seed, cache_dir)
     if name in ("cifar10", "cifar100", "imagefolder"):
-        if not data_dir:
-            raise ValueError(f"data set {name!r} needs --data-dir")
+        check(name, data_dir)
         default = 32 if name.startswith("cifar") else 224
         return _torchvision(name, data_dir, split, image_size or default, augment)
     raise ValueError(f"unknown data set {name!r}; choose from {NAMES}")

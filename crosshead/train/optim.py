@@ -19,6 +19,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+DECAY_GROUP = 0  # index of the decayed group in param_groups()
+
+
 def build(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), total_steps: int, warmup_steps: int,
           min_lr_ratio: float = 0.01):
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
@@ -31,3 +34,16 @@ def build(model, *, lr: float, weight_decay: float, betas=(0.9, 0.999), total_st
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
+
+
+def restart_at(opt, sched, *, lr: float, weight_decay: float, step: int) -> None:
+    """After a checkpoint's optimizer and scheduler state is loaded: this command's peak ``lr`` and
+    ``weight_decay``, and the schedule (the command's warm-up, length and floor: the lambda is not
+    saved) at ``step``. With the saved values and step it reproduces exactly the loaded state."""
+    opt.param_groups[DECAY_GROUP]["weight_decay"] = weight_decay
+    sched.base_lrs = [lr] * len(opt.param_groups)
+    sched.last_epoch = step
+    for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(step)  # as LambdaLR.get_lr: base_lr * lmbda(last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
