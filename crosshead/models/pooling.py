@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate
+from .blocks import init_weights
 
 MAP_POOLS = ("avg", "max", "avgmax", "catavgmax", "")
 TOKEN_POOLS = ("token", "avg", "max", "avgmax", "")
@@ -90,10 +91,7 @@ class ClassifierHead:
         same checks as the constructor; the new head is freshly initialised (truncated normal, std 0.02)."""
         num_classes = _validate.non_negative_int("num_classes", num_classes)
         self._set_classifier(num_classes, self.global_pool if global_pool is None else global_pool)
-        head = self.head
-        if isinstance(head, nn.Linear):
-            p = next(iter(self.parameters()), None)
-            if p is not None:
-                head.to(device=p.device, dtype=p.dtype)
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
+        p = next(iter(self.parameters()), None)
+        if p is not None:
+            self.head.to(device=p.device, dtype=p.dtype)
+        init_weights(self.head)
