@@ -198,15 +198,16 @@ def test_ripple_dynamic_program_equals_quadratic_form():
             m.stick.bias.normal_(0, 1.0)
         x = torch.randn(2, prefix + grid[0] * grid[1], 32)
         q, k, v = qkv_of(m, x)
-        torch.testing.assert_close(m.attend(q, k, v, grid), m.attend_quadratic(q, k, v, grid),
+        torch.testing.assert_close(m.attend_dp(q, k, v, grid), m.attend_quadratic(q, k, v, grid),
                                    atol=1e-5, rtol=1e-4)
         alpha = m.spatial_weights(q)
         torch.testing.assert_close(alpha.sum(-1), torch.ones_like(alpha[..., 0]))
 
 
-def test_ripple_weights_are_spatial():
+@pytest.mark.parametrize("impl", ["quadratic", "dp"])
+def test_ripple_weights_are_spatial(impl):
     torch.manual_seed(0)
-    m = baselines.create("ripple", 32, 2, num_features=16, max_radius=3)
+    m = baselines.create("ripple", 32, 2, num_features=16, max_radius=3, impl=impl)
     with torch.no_grad():
         m.stick.weight.zero_()
         m.stick.bias.copy_(torch.tensor([30.0, 0.0]))                 # s_0 = 1: only own cell
@@ -230,7 +231,7 @@ def test_rpe_linear_fft_equals_explicit_form():
             m.rpe.uniform_(-2, 2)
         x = torch.randn(2, prefix + grid[0] * grid[1], 32)
         q, k, v = qkv_of(m, x)
-        fft, explicit = m.attend(q, k, v, grid), m.attend_explicit(q, k, v, grid)
+        fft, explicit = m.attend_fft(q, k, v, grid), m.attend_explicit(q, k, v, grid)
         torch.testing.assert_close(fft, explicit, atol=1e-5, rtol=1e-4)
         # the mask matters: a plain (unmasked) linear attention differs
         fq, fk = m.features(q, k)

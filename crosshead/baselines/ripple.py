@@ -18,11 +18,15 @@ the heads):
     y_p = sum_r alpha_r(p) phi(q_p)^T S_r(p) / sum_r alpha_r(p) phi(q_p)^T z_r(p),
     S_r(p) = sum_{m in G_r(p)} phi(k_m) v_m^T,  z_r(p) = sum_{m in G_r(p)} phi(k_m).
 
-``attend_quadratic`` evaluates this directly with an N x N weight matrix (O(N^2 D)).
-``attend`` is the paper's dynamic programme: summed-area tables of phi(k) v^T and phi(k) give any
-square's sum in O(1); a ring is the difference of two squares, so by telescoping
-sum_r alpha_r Ring_r = sum_{r<R-1} (alpha_r - alpha_{r+1}) Square_r + alpha_tail Total,
-costing O(N R D d). The tests check the two agree.
+Two evaluations of the same output (``impl``; the tests check they agree):
+- ``attend_quadratic`` forms the N x N weight matrix: O(N^2 (D + d)) time, O(N^2) memory per head.
+- ``attend_dp`` is the paper's dynamic programme: summed-area tables of phi(k) v^T and phi(k) give
+  any square's sum in O(1); a ring is the difference of two squares, so by telescoping
+  sum_r alpha_r Ring_r = sum_{r<R-1} (alpha_r - alpha_{r+1}) Square_r + alpha_tail Total,
+  costing O(N R D d) time and O(N D d) memory per head: the tables hold D (d + 1) = 4160 floats
+  per token and head at d = 64, so its constant is large.
+``impl='auto'`` (default) takes the quadratic form up to ``AUTO_DP_FROM`` grid tokens and the DP
+above: the measured crossover (ViT-S heads, CPU, forward+backward; docs/baselines.md).
 Prefix (CLS) tokens, our choice: as keys they get weight alpha_0 (like the query's own cell);
 as queries they attend every token with weight 1 (plain kernelised attention).
 
@@ -30,7 +34,7 @@ Defaults: num_features D = 64, max_radius R = 4 (r^ = 4 in the paper's figure),
 sat_dtype=None (the input dtype; torch.float64 keeps the tables' running sums in double
 precision against cancellation); the paper's
 adaptive threshold tau (which picks r^ per input) is replaced by this fixed R.
-Complexity: O(N R D d) time, O(N D d) memory per head (the tables).
+Complexity: see ``impl`` above.
 Input: a 2-D grid (required; inferred when N - prefix is a perfect square).
 """
 
@@ -47,11 +51,17 @@ from ._registry import register
 class RippleAttention(BaselineAttention):
     needs_grid = True
 
+    IMPLS = ("auto", "quadratic", "dp")
+    AUTO_DP_FROM = 73 * 73  # grid tokens: the measured forward+backward memory crossover
+
     def __init__(self, dim, num_heads=8, *, num_prefix_tokens=0, qkv_bias=False,
-                 num_features=64, max_radius=4, sat_dtype=None):
+                 num_features=64, max_radius=4, sat_dtype=None, impl="auto"):
         super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias)
         if max_radius < 2:
             raise ValueError(f"ripple: max_radius must be >= 2, got {max_radius}")
+        if impl not in self.IMPLS:
+            raise ValueError(f"ripple: impl must be one of {self.IMPLS}, got {impl!r}")
+        self.impl = impl
         self.num_features, self.max_radius = int(num_features), int(max_radius)
         self.sat_dtype = sat_dtype
         self.register_buffer("omega", torch.randn(self.num_features, self.head_dim))
@@ -98,8 +108,23 @@ class RippleAttention(BaselineAttention):
         a = (fq @ fk.transpose(-2, -1)) * self.weight_matrix(q, grid)
         return (a @ v) / a.sum(-1, keepdim=True)
 
-    # -- summed-area-table dynamic programme ---------------------------------------------------
+    def chosen_impl(self, grid) -> str:
+        """'quadratic' or 'dp': what ``attend`` runs for this grid."""
+        if self.impl != "auto":
+            return self.impl
+        return "dp" if grid[0] * grid[1] > self.AUTO_DP_FROM else "quadratic"
+
     def attend(self, q, k, v, grid):
+        if self.chosen_impl(grid) == "dp":
+            return self.attend_dp(q, k, v, grid)
+        return self.attend_quadratic(q, k, v, grid)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", num_features={self.num_features}, "
+                f"max_radius={self.max_radius}, impl={self.impl!r}")
+
+    # -- summed-area-table dynamic programme ---------------------------------------------------
+    def attend_dp(self, q, k, v, grid):
         b, nh, n, d = q.shape
         p, (h, w), big_r = self.num_prefix_tokens, grid, self.max_radius
         fq, fk = self.features(q, True), self.features(k, False)

@@ -12,13 +12,18 @@ columns of M are 1:
 
 Since M is 2-level block-Toeplitz, (M o phi(Q) phi(K)^T) V = sum_l diag(phi(Q)_l) M (diag(phi(K)_l) V):
 m (d + 1) products of M with grid fields, each a 2-D linear convolution done with ``rfft2`` on a
-zero-padded (2H x 2W) grid. ``attend`` uses the FFT form; ``attend_explicit`` is the quadratic
-reference, and the tests check they agree.
+zero-padded (2H x 2W) grid. Two evaluations of the same output (``impl``; the tests check they
+agree):
+- ``attend_explicit``: the N x N masked form above, O(N^2 d) time and O(N^2) memory per head; the
+  form the paper's official vision code runs.
+- ``attend_fft``: the paper's block-Toeplitz algorithm, O(m d N log N) time and O(m d N) memory
+  per head; its constant is large (m (d + 1) = 4160 grids of 4N points per head at d = 64).
+``impl='auto'`` (default) takes the explicit form up to ``AUTO_FFT_FROM`` grid tokens and the FFT
+above: the measured crossover (ViT-S heads, CPU, forward+backward; docs/baselines.md).
 
 Defaults: grid_size=(14, 14) -- the table covers offsets up to (13, 13), so any grid up to
 14 x 14 works (larger grids raise ValueError); features 'relu'.
-Complexity: FFT form O(m d N log N) time and O(m d N) memory per head (the (d x (d+1)) field per
-position is the price of the paper's identity); explicit form O(N^2 d).
+Complexity: see ``impl`` above.
 Input: a 2-D grid (required; inferred when N - prefix is a perfect square).
 """
 
@@ -35,9 +40,15 @@ from ._registry import register
 class RPEMaskedLinearAttention(BaselineAttention):
     needs_grid = True
 
+    IMPLS = ("auto", "explicit", "fft")
+    AUTO_FFT_FROM = 116 * 116  # grid tokens: the measured forward+backward memory crossover
+
     def __init__(self, dim, num_heads=8, *, num_prefix_tokens=0, qkv_bias=False,
-                 grid_size=(14, 14)):
+                 grid_size=(14, 14), impl="auto"):
         super().__init__(dim, num_heads, num_prefix_tokens=num_prefix_tokens, qkv_bias=qkv_bias)
+        if impl not in self.IMPLS:
+            raise ValueError(f"rpe_linear: impl must be one of {self.IMPLS}, got {impl!r}")
+        self.impl = impl
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         gh, gw = self.grid_size
         self.rpe = nn.Parameter(torch.ones(num_heads, 2 * gh - 1, 2 * gw - 1))
@@ -73,7 +84,21 @@ class RPEMaskedLinearAttention(BaselineAttention):
         a = (fq @ fk.transpose(-2, -1)) * self.dense_mask(grid)
         return (a @ v) / a.sum(-1, keepdim=True)
 
+    def chosen_impl(self, grid) -> str:
+        """'explicit' or 'fft': what ``attend`` runs for this grid."""
+        if self.impl != "auto":
+            return self.impl
+        return "fft" if grid[0] * grid[1] > self.AUTO_FFT_FROM else "explicit"
+
     def attend(self, q, k, v, grid):
+        if self.chosen_impl(grid) == "fft":
+            return self.attend_fft(q, k, v, grid)
+        return self.attend_explicit(q, k, v, grid)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", grid_size={self.grid_size}, impl={self.impl!r}"
+
+    def attend_fft(self, q, k, v, grid):
         b, nh, n, d = q.shape
         p = self.num_prefix_tokens
         h, w = grid
