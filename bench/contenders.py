@@ -239,13 +239,16 @@ def baseline_contenders() -> dict[str, Contender]:
     out = {}
     for name in baselines.names():
         def build(cfg, side, name=name):
-            return _module_case(cfg, side, lambda c, n: baselines.create(name, c.dim, c.heads),
+            # sized for this N (linformer's length, rpe_linear's table, mra2's blocks per row)
+            return _module_case(cfg, side,
+                                lambda c, n: baselines.create_for(name, c.dim, c.heads,
+                                                                  grid=(side, side)),
                                 lambda m, x, grid: m(x, grid=grid))
 
         def why(cfg, name=name):
             return None if name in baselines.available() else f"crosshead.baselines says {name!r} is not available here"
         out[f"baselines/{name}"] = Contender(f"baselines/{name}", "module",
-                                             f"crosshead.baselines.create({name!r})", None,
+                                             f"crosshead.baselines.create_for({name!r}, grid=(side, side))", None,
                                              build, why)
     return out
 
