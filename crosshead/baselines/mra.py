@@ -43,6 +43,15 @@ def _block_mean(x, valid, nb, bs):
     return (x.view(g, nb, bs, d) * w).sum(2) / cnt.clamp_min(1.0)
 
 
+def select_blocks(low, block_per_row):
+    """MRA-2's block selection: flat indices (G, k) into N_b x N_b of the k = N_b *
+    ``block_per_row`` (capped at N_b^2) largest entries of L - rowmax(L) over the whole matrix,
+    for block-mean logits ``low`` = L (G, N_b, N_b)."""
+    nb = low.shape[-1]
+    score = (low - low.amax(-1, keepdim=True)).detach().flatten(1)
+    return score.topk(min(nb * int(block_per_row), nb * nb), dim=-1).indices
+
+
 def mra2_attention(q, k, v, *, block_size=32, block_per_row=8, mode="full", valid=None):
     """MRA-2 on (B, h, N, d) tensors with N a multiple of ``block_size``; ``valid`` (N,) bool marks
     real (non-padding) tokens. Returns (B, h, N, d) and the boolean block selection (G, Nb, Nb)."""
@@ -61,9 +70,8 @@ def mra2_attention(q, k, v, *, block_size=32, block_per_row=8, mode="full", vali
 
     low = (qh @ kh.transpose(-2, -1)) * scale                            # (g, nb, nb)
     low = low.masked_fill((cnt == 0).view(1, 1, nb), float("-inf"))
-    score = (low - low.amax(-1, keepdim=True)).detach().flatten(1)
-    kk = min(nb * int(block_per_row), nb * nb)
-    top = score.topk(kk, dim=-1).indices                                 # (g, kk)
+    top = select_blocks(low, block_per_row)                              # (g, kk)
+    kk = top.shape[1]
     bi, bj = top // nb, top % nb
     sel = torch.zeros(g, nb * nb, dtype=torch.bool, device=q.device)
     sel.scatter_(1, top, True)
