@@ -1,6 +1,7 @@
-"""Mutation tests for the baselines' mechanism checks (tests/test_baselines_mechanisms.py): each
-check passes on the code as it is, and fails once a deliberately broken version of the mechanism
-it guards is monkeypatched into crosshead.baselines."""
+"""Mutation tests for the baselines' mechanism checks (tests/test_baselines_mechanisms.py and
+test_baselines_sparse.py; the Nystrom ones are in test_baselines_nystrom.py): each check passes on
+the code as it is, and fails once a deliberately broken version of the mechanism it guards is
+monkeypatched into crosshead.baselines."""
 
 import pytest
 
@@ -8,8 +9,10 @@ pytest.importorskip("crosshead.baselines", reason="crosshead.baselines not impor
 
 from crosshead.baselines import mra, randomized, vars_d  # noqa: E402
 from crosshead.baselines._base import from_heads, to_heads  # noqa: E402
+from baseline_checks import softmax_ref  # noqa: E402
 from test_baselines_mechanisms import (check_lara_matches_equations, check_linformer,  # noqa: E402
-                                       check_mra2_selection, check_vars_d_unroll, softmax_ref)
+                                       check_vars_d_unroll)
+from test_baselines_sparse import check_mra2_selection  # noqa: E402
 
 
 def linformer_ignores_e_and_f(mp):
