@@ -44,8 +44,7 @@ def effective_density(m, name: str, n: int) -> tuple[float, str]:
     if name == "performer":
         return 0.0, f"rank {m.nb_features} (random features)"
     if name == "nystrom":
-        eff = m.effective_landmarks(n) if hasattr(m, "effective_landmarks") else m.num_landmarks
-        return 0.0, f"rank {eff} (landmarks)"
+        return 0.0, f"rank {m.effective_landmarks(n)} (landmarks)"
     if name == "linformer":
         return 0.0, f"k = {m.k} projected keys"
     if name == "lara":
