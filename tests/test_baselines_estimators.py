@@ -18,26 +18,15 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 baselines = pytest.importorskip("crosshead.baselines", reason="crosshead.baselines not importable")
 
 
-def haar_orthogonal_features(nf, d):
-    """FAVOR+ orthogonal random features: blocks of d orthonormal rows of a Haar-random
-    orthogonal matrix (QR of a Gaussian with R's diagonal made positive), each row rescaled by an
-    independent chi_d norm, so that every row is N(0, I) and the blocks are i.i.d."""
-    blocks = []
-    for _ in range(nf // d):
-        qm, r = torch.linalg.qr(torch.randn(d, d, dtype=F64))
-        blocks.append((qm * r.diagonal().sign()).T)
-    return torch.randn(nf, d, dtype=F64).norm(dim=1, keepdim=True) * torch.cat(blocks)
-
-
 def test_performer_approaches_softmax_with_many_features():
     need("performer")
     from performer_pytorch.performer_pytorch import softmax_kernel
     torch.manual_seed(0)
     d, nf, n = 16, 8192, 32
     q, k, v = (torch.randn(1, 2, n, d, dtype=F64) * s for s in (0.4, 0.4, 1.0))
-    mod = baselines.create("performer", 32, 2, nb_features=nf).double().eval()
-    with torch.no_grad():   # isotropic features (the package's are not: see the xfail below)
-        mod.fast_attention.projection_matrix.copy_(haar_orthogonal_features(nf, d))
+    # isotropic features (the package's are not: test_performer_features_are_isotropic)
+    mod = baselines.create("performer", 32, 2, nb_features=nf, orthogonal_features="haar")
+    mod = mod.double().eval()
     y = mod.attend(q, k, v, None)
     proj = mod.fast_attention.projection_matrix
     fq, fk = (softmax_kernel(t, projection_matrix=proj, is_query=iq) for t, iq in ((q, 1), (k, 0)))
@@ -66,18 +55,32 @@ def test_performer_approaches_softmax_with_many_features():
     assert outside(y, v.mean(2, keepdim=True), tol)                          # not uniform
 
 
-@pytest.mark.xfail(strict=True, reason="performer-pytorch's orthogonal_matrix_chunk keeps Q of "
-                   "torch.linalg.qr without fixing the signs of R's diagonal, so Q is not Haar: "
-                   "row i of every block has a negative i-th coordinate (row 0: always), and "
-                   "FAVOR+'s kernel estimate is biased")
+def check_performer_features_are_isotropic(orthogonal_features):
+    torch.manual_seed(0)
+    d, blocks = 16, 256
+    mod = baselines.create("performer", d * 2, 2, nb_features=d * blocks,
+                           orthogonal_features=orthogonal_features).train()
+    for _ in range(2):                                                # as built, then redrawn
+        w = mod.fast_attention.projection_matrix.view(blocks, d, d).double()
+        gram = w @ w.transpose(-2, -1)                                # orthogonal rows in a block
+        off = gram - torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1))
+        assert off.abs().max() < identity_tol([d], gram.diagonal(dim1=-2, dim2=-1).amax(),
+                                              dtype=torch.float32)
+        signs = w.diagonal(dim1=-2, dim2=-1).sign()                   # row i, coordinate i
+        # isotropic rows: each sign is +-1 with probability 1/2, the mean of 256 has sd 1/16
+        assert (signs.mean(0).abs() < union_z(d) / 16).all(), signs.mean(0)
+        mod.redraw_features()
+
+
 def test_performer_features_are_isotropic():
     need("performer")
-    torch.manual_seed(0)
-    mod = baselines.create("performer", 16 * 2, 2, nb_features=16 * 256)
-    blocks = mod.fast_attention.projection_matrix.view(256, 16, 16)
-    signs = blocks.diagonal(dim1=-2, dim2=-1).sign()                  # row i, coordinate i
-    # isotropic rows: each sign is +-1 with probability 1/2, the mean of 256 has sd 1/16
-    assert (signs.mean(0).abs() < union_z(16) / 16).all()
+    check_performer_features_are_isotropic("haar")
+    # performer-pytorch's own blocks take Q of torch.linalg.qr as it comes: not Haar, so its
+    # default features fail the same check (Q's diagonal is mostly negative; row 0 always)
+    with pytest.raises(AssertionError):
+        check_performer_features_are_isotropic("package")
+    with pytest.raises(ValueError, match="orthogonal_features"):
+        baselines.create("performer", 32, 2, orthogonal_features="qr")
 
 
 def test_ra_is_unbiased():
