@@ -107,14 +107,14 @@ def test_lara_defaults_are_the_papers_imagenet_settings():
 
 def test_lara_one_dimensional_proposals_are_segment_means():
     x = torch.randn(2, 3, 13, 4, dtype=torch.float64)
-    got = randomized.segment_means(x, 4)                            # 13 = 3 + 3 + 3 + 4
+    got = randomized.lara_segment_means(x, 4)                            # 13 = 3 + 3 + 3 + 4
     want = torch.stack([x[..., a:b, :].mean(-2) for a, b in ((0, 3), (3, 6), (6, 9), (9, 13))], -2)
     torch.testing.assert_close(got, want, **TOL)
-    assert randomized.segment_means(x, 16) is x                    # N <= c: the tokens themselves
+    assert randomized.lara_segment_means(x, 16) is x                    # N <= c: the tokens themselves
     torch.manual_seed(0)
     m = baselines.create("lara", 32, 2, num_landmarks=4).double().eval()
     q = torch.randn(1, 2, 13, 16, dtype=torch.float64)
-    torch.testing.assert_close(m.q_prop(q, None), randomized.segment_means(
+    torch.testing.assert_close(m.q_prop(q, None), randomized.lara_segment_means(
         m.q_prop.norm(m.q_prop.lin(q)), 4), **TOL)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 
-__all__ = ["BaselineAttention", "resolve_grid", "to_heads", "from_heads"]
+__all__ = ["BaselineAttention", "resolve_grid", "to_heads", "from_heads", "segment_bounds",
+           "segment_means"]
 
 
 def resolve_grid(n_tokens: int, num_prefix: int, grid, *, required: bool, name: str):
@@ -47,6 +49,32 @@ def pad_to_blocks(q, k, v, block_size: int):
         valid[n:] = False
         q, k, v = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     return q, k, v, valid
+
+
+def segment_bounds(n: int, m: int, *, longer_first: bool = True) -> list[int]:
+    """Boundaries 0 = b_0 < ... < b_m = n of m contiguous segments of n tokens whose lengths differ
+    by at most one: the ``n % m`` longer segments first (as ``numpy.array_split``), or last
+    (``longer_first=False``). 1 <= m <= n."""
+    base, extra = divmod(n, m)
+    if longer_first:
+        return [i * base + min(i, extra) for i in range(m + 1)]
+    return [i * base + max(0, i - (m - extra)) for i in range(m + 1)]
+
+
+def segment_means(x: torch.Tensor, bounds) -> torch.Tensor:
+    """Means of (..., N, d) ``x`` over the token segments between consecutive ``bounds``."""
+    sums, lengths = _segment_sums(tuple(bounds), x.device)
+    return (sums.to(x.dtype) @ x) / lengths.to(x.dtype)                 # (m, N) @ (..., N, d)
+
+
+@functools.lru_cache(maxsize=32)
+def _segment_sums(bounds: tuple, device: torch.device):
+    """The (m, N) 0/1 matrix summing each segment and the (m, 1) segment lengths, built once per
+    segmentation and device (no host-device traffic in the forward)."""
+    sums = torch.zeros(len(bounds) - 1, bounds[-1])
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        sums[i, start:end] = 1.0
+    return sums.to(device), sums.sum(1, keepdim=True).to(device)
 
 
 def to_heads(t: torch.Tensor, h: int) -> torch.Tensor:

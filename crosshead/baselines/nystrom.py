@@ -38,38 +38,18 @@ raster order); ``grid`` validated, unused.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 
-from ._base import BaselineAttention, from_heads, to_heads
+from ._base import BaselineAttention, from_heads, segment_bounds, segment_means, to_heads
 from ._registry import register
 
 LANDMARK_SEGMENTS = ("even", "package")
 
 
-def segment_bounds(n: int, m: int) -> list[int]:
-    """Boundaries 0 = b_0 < ... < b_m = n of m contiguous segments of n tokens whose lengths differ
-    by at most one, the first ``n % m`` segments being the longer ones (1 <= m <= n)."""
-    base, extra = divmod(n, m)
-    return [i * base + min(i, extra) for i in range(m + 1)]
-
-
 def even_landmarks(x: torch.Tensor, m: int) -> torch.Tensor:
     """Means of (..., N, d) ``x`` over the segments ``segment_bounds(N, m)``: (..., m, d)."""
-    sums, lengths = _segment_sums(tuple(segment_bounds(x.shape[-2], m)), x.device)
-    return (sums.to(x.dtype) @ x) / lengths.to(x.dtype)                 # (m, N) @ (..., N, d)
-
-
-@functools.lru_cache(maxsize=32)
-def _segment_sums(bounds: tuple, device: torch.device):
-    """The (m, N) 0/1 matrix summing each segment and the (m, 1) segment lengths, built once per
-    segmentation and device (no host-device traffic in the forward)."""
-    sums = torch.zeros(len(bounds) - 1, bounds[-1])
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sums[i, start:end] = 1.0
-    return sums.to(device), sums.sum(1, keepdim=True).to(device)
+    return segment_means(x, segment_bounds(x.shape[-2], m))
 
 
 def package_nystrom(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

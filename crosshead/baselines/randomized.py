@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._base import BaselineAttention
+from ._base import BaselineAttention, segment_bounds, segment_means
 from ._registry import register
 
 
@@ -146,21 +146,16 @@ def lara_core(q, k, v, mu, qbar, *, num_samples=1, noise=True, noise_std=1.0, al
     return wts.transpose(-2, -1) @ kv                                    # (B,h,N,d)
 
 
-def segment_means(x, c):
+def lara_segment_means(x, c):
     """Means of ``x`` (..., N, d) over c contiguous segments of the token axis whose lengths differ
     by at most one (the shorter ones first, as the official 1-D LARA); x itself when N <= c."""
     n = x.shape[-2]
-    if n <= c:
-        return x
-    short, n_short = n // c, c - n % c
-    head = x[..., :n_short * short, :].unflatten(-2, (n_short, short)).mean(-2)
-    tail = x[..., n_short * short:, :].unflatten(-2, (c - n_short, short + 1)).mean(-2)
-    return torch.cat([head, tail], dim=-2)
+    return x if n <= c else segment_means(x, segment_bounds(n, c, longer_first=False))
 
 
 class _Proposal(nn.Module):
     """Landmarks per head, parameters shared by heads: LayerNorm(Linear_d(pool2d(x))) on a grid,
-    segment_means(LayerNorm(Linear_d(x))) without one (the official 'pool' / 'adaptive-1d')."""
+    lara_segment_means(LayerNorm(Linear_d(x))) without one (the official 'pool' / 'adaptive-1d')."""
 
     def __init__(self, head_dim, num_landmarks):
         super().__init__()
@@ -175,7 +170,7 @@ class _Proposal(nn.Module):
     def forward(self, x, grid):
         b, h, n, d = x.shape
         if grid is None:
-            return segment_means(self.norm(self.lin(x)), self.num_landmarks)
+            return lara_segment_means(self.norm(self.lin(x)), self.num_landmarks)
         img = x.reshape(b * h, grid[0], grid[1], d).permute(0, 3, 1, 2)
         pooled = F.adaptive_avg_pool2d(img, self.side).flatten(2).transpose(1, 2)
         return self.norm(self.lin(pooled.reshape(b, h, -1, d)))
