@@ -13,6 +13,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST         target GPUs; default "8.0;9.0" (A100, H100/H200)
   DEBUG=1                      -O0 -g
   MAX_JOBS                     parallel compile jobs (ninja)
+  CROSSHEAD_NVCC_FLAGS         extra nvcc flags, split on spaces (e.g. "-Xptxas -v" for the resource report)
 """
 
 import importlib.util
@@ -67,10 +68,19 @@ def extensions():
         use_cuda, why = False, "no CUDA sources in csrc/cuda"
     say(f"torch {torch.__version__}; CUDA kernels {'ON' if use_cuda else 'OFF'}: {why}")
 
+    class CheckedBuildExtension(BuildExtension):
+        """Refuses a library that carries its own C++ runtime (toolchain.cxx_runtime_problem)."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            problem = toolchain.cxx_runtime_problem(self.get_ext_fullpath(ext.name))
+            if problem:
+                raise RuntimeError(f"[crosshead setup] {problem}")
+
     include_dirs = [str(CSRC)]
     if not use_cuda:
         ext = CppExtension(name, sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
-        return [ext], {"build_ext": BuildExtension}, options
+        return [ext], {"build_ext": CheckedBuildExtension}, options
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     say(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -81,9 +91,10 @@ def extensions():
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math", "-lineinfo"]
     nvcc += ["-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    nvcc += os.environ.get("CROSSHEAD_NVCC_FLAGS", "").split()
     ext = CUDAExtension(name, sources + cuda_sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
-    return [ext], {"build_ext": BuildExtension}, options
+    return [ext], {"build_ext": CheckedBuildExtension}, options
 
 
 ext_modules, cmdclass, options = extensions()

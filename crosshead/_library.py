@@ -113,6 +113,9 @@ def _jit_load() -> str:
         name="crosshead_jit", sources=sources, is_python_module=False, build_directory=str(build_dir),
         extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
         extra_include_paths=[str(CSRC)] + _wheel_cuda_headers(), verbose=os.environ.get("CROSSHEAD_JIT_VERBOSE") == "1")
+    problem = _toolchain.cxx_runtime_problem(build_dir / "crosshead_jit.so")
+    if problem:  # loaded already: say so before its first error message brings the process down
+        raise RuntimeError(f"crosshead JIT build: {problem}")
     return str(build_dir)
 
 

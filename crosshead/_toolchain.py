@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -91,3 +92,45 @@ def read_built_for(path) -> str | None:
             return data[start + len(marker):end if end >= 0 else start + 4096].decode(errors="replace")
     except (OSError, ValueError):  # unreadable, or empty (mmap of an empty file)
         return None
+
+
+def needed_libraries(path) -> list[str] | None:
+    """The DT_NEEDED entries (shared libraries it loads) of the 64-bit little-endian ELF file at
+    `path`, or None when it is not one (another platform's library format, say)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # section header: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    needed = []
+    for _, sh_type, _, _, offset, size, link, *_ in sections:
+        if sh_type != 6:  # SHT_DYNAMIC: (tag, value) pairs; DT_NEEDED values index its string table
+            continue
+        strtab = sections[link][4]
+        for pos in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from("<qQ", data, pos)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                start = strtab + value
+                needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed
+
+
+def cxx_runtime_problem(path) -> str | None:
+    """Why the compiled library at `path` must not be loaded next to torch, or None. A library that
+    does not load the C++ runtime as a shared library carries a private copy of it (a compiler
+    configured with -static-libstdc++ links one in): two runtimes in one process, and the first
+    error message that formats a number crashes the process (std::locale facets of the other copy;
+    seen on an H200 machine whose image set CXX to such a g++, issue #10)."""
+    needed = needed_libraries(path)
+    if needed is None or any(name.startswith(("libstdc++", "libc++")) for name in needed):
+        return None
+    return (f"{path} does not load the C++ runtime (libstdc++.so) as a shared library: its compiler "
+            "linked a private copy into it (e.g. a g++ that passes -static-libstdc++). Next to torch's "
+            "runtime that copy crashes the process at the first error message with a number in it. "
+            "Rebuild with a compiler that links libstdc++ dynamically, e.g. CC=/usr/bin/gcc "
+            "CXX=/usr/bin/g++ (shared libraries it needs: " + ", ".join(needed) + ")")

@@ -248,3 +248,45 @@ def test_without_the_emulator_variable_the_cpu_runs_the_pure_torch_path():
         proc = _run(code, CROSSHEAD_CUDA_EMULATOR=value)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "SIMT emulator" not in proc.stdout and "pure-torch (crosshead.reference)" in proc.stdout
+
+
+# ------------------------------------------------------------------ one C++ runtime in the process
+
+def test_the_loaded_library_shares_torchs_cxx_runtime():
+    """A library carrying its own copy of libstdc++ crashed the first GPU run at the first error
+    message with a number in it (issue #10); setup.py and the JIT build now refuse one."""
+    if _library.mode not in ("compiled", "jit"):
+        pytest.skip(f"no compiled library loaded (mode {_library.mode!r})")
+    path = _library.library
+    if Path(path).is_dir():  # the JIT build directory
+        path = Path(path) / "crosshead_jit.so"
+    needed = _toolchain.needed_libraries(path)
+    assert needed is not None and any(n.startswith("libstdc++") for n in needed), needed
+    assert _toolchain.cxx_runtime_problem(path) is None
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+def test_the_cxx_runtime_check_refuses_a_library_with_a_private_runtime(tmp_path):
+    source = tmp_path / "fmt.cpp"
+    source.write_text('#include <sstream>\n#include <string>\n'
+                      'extern "C" int fmt(int x) { std::ostringstream s; s << x; return int(s.str().size()); }\n')
+    built = {}
+    for kind, flags in (("shared", []), ("private", ["-static-libstdc++"])):
+        out = tmp_path / f"lib{kind}.so"
+        run = subprocess.run([CXX, "-shared", "-fPIC", *flags, str(source), "-o", str(out)], capture_output=True,
+                             text=True)
+        if run.returncode != 0:
+            pytest.skip(f"{CXX} cannot build a {kind}-runtime library here: {run.stderr.strip()[:200]}")
+        built[kind] = out
+    assert "libstdc++.so.6" in _toolchain.needed_libraries(built["shared"])
+    assert _toolchain.cxx_runtime_problem(built["shared"]) is None
+    assert not any(n.startswith("libstdc++") for n in _toolchain.needed_libraries(built["private"]))
+    problem = _toolchain.cxx_runtime_problem(built["private"])
+    assert problem is not None and "CXX=/usr/bin/g++" in problem and str(built["private"]) in problem
+
+
+def test_needed_libraries_is_none_for_what_is_not_an_elf_library(tmp_path):
+    text = tmp_path / "not_a_library.so"
+    text.write_bytes(b"MZ\x90\x00 a Windows DLL header, or anything else")
+    assert _toolchain.needed_libraries(text) is None
+    assert _toolchain.cxx_runtime_problem(text) is None
