@@ -11,6 +11,16 @@ from . import _checks, _validate
 from .ops import imhsa, landmarks
 
 
+def _check_value(cond, message: str) -> None:
+    """ValueError(message) unless cond. A symbolic cond (a SymBool, under torch.compile or export)
+    goes to torch._check instead: Dynamo cannot trace torch._check_with(ValueError, ...) on every
+    torch we support (torch 2.11 refuses it with fullgraph=True; seen on the H200 run of issue #10)."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, lambda: message)
+    elif not cond:
+        raise ValueError(message)
+
+
 def symbolic_isqrt(n, message: str, minimum: int = 1):
     """The integer square root of a size n that must be a perfect square (an error with ``message`` if
     it is not), for plain ints and for symbolic sizes alike.
@@ -55,7 +65,7 @@ def symbolic_isqrt(n, message: str, minimum: int = 1):
         torch._check(side >= minimum)
         torch._check(side * side == n)
         return side
-    torch._check_with(ValueError, side * side == n, lambda: message)
+    _check_value(side * side == n, message)
     return side
 
 
@@ -124,7 +134,7 @@ class InteractiveMultiheadAttention(nn.Module):
                        "square: pass grid=(H, W)")
         else:  # traced: the message must not depend on the symbolic N
             message = f"the N - {p} grid tokens (N minus the prefix) do not form a square: pass grid=(H, W)"
-        torch._check_with(ValueError, n_tokens > p, lambda: f"x has no grid tokens after its {p} prefix tokens")
+        _check_value(n_tokens > p, f"x has no grid tokens after its {p} prefix tokens")
         side = symbolic_isqrt(n_tokens - p, message, minimum=max(self.landmarks))
         return side, side
 
