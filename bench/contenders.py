@@ -112,19 +112,27 @@ class SoftmaxMHSA(nn.Module):
 
 
 def _module_case(cfg: Config, side: int, make: Callable[[Config, int], nn.Module],
-                 call=None) -> Case:
+                 call=None, autocast: bool = False) -> Case:
+    """autocast: in a half dtype the module keeps float32 parameters and runs under torch.autocast
+    (for packages that build float32 tensors inside their forward and so cannot run in pure bf16)."""
     torch.manual_seed(0)
     n = side * side
-    module = make(cfg, n).to(device=cfg.device, dtype=_dtype(cfg))
+    dtype = _dtype(cfg)
+    amp = autocast and dtype in (torch.float16, torch.bfloat16)
+    module = make(cfg, n).to(device=cfg.device, dtype=torch.float32 if amp else dtype)
     gen = _gen(cfg, side)
     x = _randn(cfg, cfg.batch, n, cfg.dim, gen=gen)
     g = _randn(cfg, cfg.batch, n, cfg.dim, gen=gen, requires_grad=False)
-    if call is None:
+
+    def run():
+        return module(x) if call is None else call(module, x, (side, side))
+
+    if amp:
         def forward():
-            return module(x)
+            with torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype):
+                return run()
     else:
-        def forward():
-            return call(module, x, (side, side))
+        forward = run
     return Case(forward, [x, *module.parameters()], g)
 
 
@@ -207,8 +215,8 @@ def _registry() -> dict[str, Contender]:
         Contender("performer", "module", "performer_pytorch.SelfAttention (FAVOR+, m={m_perf})",
                   ("module", "performer"), lambda c, s: _module_case(c, s, _make_performer),
                   lambda c: _missing("performer_pytorch", "performer-pytorch")),
-        Contender("nystrom", "module", "nystrom_attention.NystromAttention (m={m_nys}, 6 pinv iterations)",
-                  ("module", "nystrom"), lambda c, s: _module_case(c, s, _make_nystrom),
+        Contender("nystrom", "module", "nystrom_attention.NystromAttention (m={m_nys}, 6 pinv iterations; in half dtypes float32 weights under autocast: the package builds float32 tensors inside)",
+                  ("module", "nystrom"), lambda c, s: _module_case(c, s, _make_nystrom, autocast=True),
                   lambda c: _missing("nystrom_attention", "nystrom-attention")),
         Contender("linformer", "module", "linformer.LinformerSelfAttention (k={k_lin}, E, F sized to N)",
                   ("module", "linformer"), lambda c, s: _module_case(c, s, _make_linformer),
