@@ -78,6 +78,14 @@ def copy_bandwidth_gbs():
     return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(n=8192):
+    """bf16 n×n×n matrix product through torch on random data: 2n³ / median time."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=DTYPE) for _ in range(2))
+    ms = median_ms(lambda: a @ b, warmup=3, reps=20)
+    del a, b
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def guarded(fn):
     """Runs fn; an out-of-memory turns into None (reported as OOM) instead of ending the run."""
     try:
@@ -87,7 +95,10 @@ def guarded(fn):
         return None
 
 
-def bench_n(n, mix, warmup, reps):
+CONTENDERS = ("fused", "torch", "compiled", "sdpa")
+
+
+def bench_n(n, mix, warmup, reps, contenders=CONTENDERS):
     side = int(round(math.sqrt(n)))
     assert side * side == n, f"N={n} is not a square grid"
     scale = D ** -0.5
@@ -136,6 +147,9 @@ def bench_n(n, mix, warmup, reps):
 
     for name, fwd, fwdbwd in (("fused", fused_fwd, fused_fwdbwd), ("torch", torch_fwd, torch_fwdbwd),
                               ("compiled", comp_fwd, comp_fwdbwd), ("sdpa", sdpa_fwd, sdpa_fwdbwd)):
+        if name not in contenders:
+            r[f"{name}_fwd_ms"] = r[f"{name}_fwdbwd_ms"] = r[f"{name}_peak_mib"] = None
+            continue
         t0 = time.time()
         r[f"{name}_fwd_ms"] = guarded(lambda: median_ms(fwd, warmup, reps))
         r[f"{name}_fwdbwd_ms"] = guarded(lambda: median_ms(fwdbwd, warmup, reps))
@@ -209,13 +223,15 @@ def evaluate(rows, copy_gbs):
 
 
 def fmt(x, spec=".3g"):
-    return "OOM/n.a." if x is None else format(x, spec)
+    return "n.a." if x is None else format(x, spec)
 
 
 def markdown(meta, rows, checks):
     lines = [f"# crosshead CUDA kernels vs the issue-3 targets on {meta['device']}", "",
              f"torch {meta['torch']}, CUDA {meta['cuda']}, library mode {meta['mode']}, mix={meta['mix']}, "
-             f"bfloat16, B={B}, h={H}, d={D}, L={LH * LW}; copy bandwidth {meta['copy_gbs']:.0f} GB/s; "
+             f"bfloat16, B={B}, h={H}, d={D}, L={LH * LW}; copy bandwidth {meta['copy_gbs']:.0f} GB/s, "
+             f"bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s (8192³, random data); "
+             f"contenders run: {', '.join(meta.get('contenders', CONTENDERS))} (n.a.: not run, or out of memory); "
              f"medians of {meta['reps']} after {meta['warmup']} warm-up runs.", "",
              "| N | fused fwd ms | fwd GB/s (frac of copy) | fused fwd+bwd ms | torch fwd+bwd ms | compiled fwd+bwd ms "
              "| sdpa fwd / fwd+bwd ms | peak MiB fused / torch / compiled / sdpa |",
@@ -249,20 +265,28 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[196, 784, 3136, 12544])
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help="comma-separated subset of " + ",".join(CONTENDERS) + " (the others are reported n.a.)")
     a = ap.parse_args()
+    contenders = a.contenders.split(",")
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"--contenders: unknown {sorted(unknown)}; choose from {CONTENDERS}")
     if not torch.cuda.is_available():
         sys.exit("bench/cuda_targets.py needs a CUDA device")
     device = torch.cuda.get_device_name()
     print(f"device: {device}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
           f"crosshead library mode: {_library.mode} ({_library.detail})", flush=True)
     copy_gbs = copy_bandwidth_gbs()
-    print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
-    rows = [bench_n(n, a.mix, a.warmup, a.reps) for n in a.n]
+    mm_tflops = matmul_tflops()
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s; bf16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
+    rows = [bench_n(n, a.mix, a.warmup, a.reps, contenders) for n in a.n]
     checks = evaluate(rows, copy_gbs)
     for r in rows:
         r["launches"] = launch_rows(r, copy_gbs)
     meta = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "mode": _library.mode,
-            "mix": a.mix, "copy_gbs": copy_gbs, "warmup": a.warmup, "reps": a.reps,
+            "mix": a.mix, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops, "contenders": contenders,
+            "warmup": a.warmup, "reps": a.reps,
             "config": {"B": B, "h": H, "d": D, "L": LH * LW, "dtype": "bfloat16"}}
     md = markdown(meta, rows, checks)
     print(md)
