@@ -170,3 +170,17 @@ def test_every_baseline_runs_by_name(tmp_path):
                 assert r["status"] == "ok" and r["median_s"] > 0, r
             else:
                 assert r["status"] == "unavailable" and r["reason"], r
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nystrom_peer_runs_in_half_dtypes(dtype):
+    """nystrom_attention builds float32 tensors inside its forward, so in bf16 it failed every GPU
+    point of the H200 sweep (issue #10); the peer now keeps float32 weights under autocast."""
+    pytest.importorskip("nystrom_attention", reason="the nystrom-attention package is not installed")
+    c = contenders.get("nystrom")
+    cfg = Config(device="cpu", dtype=dtype, batch=1, heads=2, head_dim=8)
+    case = c.build(cfg, 7)
+    out = case.forward()
+    assert out.dtype == getattr(torch, dtype) and out.shape == (1, 49, 16) and torch.isfinite(out).all()
+    out.float().backward(torch.randn(out.shape))
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in case.leaves)
