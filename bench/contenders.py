@@ -215,7 +215,9 @@ def _registry() -> dict[str, Contender]:
         Contender("performer", "module", "performer_pytorch.SelfAttention (FAVOR+, m={m_perf})",
                   ("module", "performer"), lambda c, s: _module_case(c, s, _make_performer),
                   lambda c: _missing("performer_pytorch", "performer-pytorch")),
-        Contender("nystrom", "module", "nystrom_attention.NystromAttention (m={m_nys}, 6 pinv iterations; in half dtypes float32 weights under autocast: the package builds float32 tensors inside)",
+        Contender("nystrom", "module",
+                  "nystrom_attention.NystromAttention (m={m_nys}, 6 pinv iterations; in half dtypes float32 "
+                  "weights under autocast: the package builds float32 tensors inside)",
                   ("module", "nystrom"), lambda c, s: _module_case(c, s, _make_nystrom, autocast=True),
                   lambda c: _missing("nystrom_attention", "nystrom-attention")),
         Contender("linformer", "module", "linformer.LinformerSelfAttention (k={k_lin}, E, F sized to N)",
