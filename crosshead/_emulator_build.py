@@ -17,6 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from . import _toolchain
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 DYNAMIC_WINDOW = 227 * 1024  # kDynamicSmemMax in csrc/emu/internal.h
@@ -179,5 +181,8 @@ def build(csrc: Path = CSRC, build_dir: Path | None = None, jobs: int | None = N
     _run([cxx, "-shared", "-o", str(tmp), *map(str, kernel_objs + runtime_objs), str(arena_obj),
           f"-L{libdir}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{libdir}", "-Wl,-z,defs"],
          "linking the emulator library")
+    problem = _toolchain.cxx_runtime_problem(tmp)
+    if problem:
+        raise BuildError(f"the CUDA emulator: {problem}")
     tmp.replace(lib)
     return lib
