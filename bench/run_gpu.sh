@@ -15,6 +15,8 @@
 #   pytests   pytest PYTEST_ARGS (chosen files)
 #   alltests  the whole test suite with the GPU present (pytest -n 8)
 #   train     python -m crosshead.train --amp bf16 --compile (TRAIN_ARGS)
+#   quality   python -m bench.quality --config gpu (resumable: runs in QUALITY_RUNS, default
+#             /tmp/quality-runs, which a warm machine keeps between calls; results in LOGDIR/quality-gpu)
 #
 #   STAGES="info build tests" LOGDIR=/tmp/gpu_logs DEADLINE=570 bash bench/run_gpu.sh
 #
@@ -87,6 +89,9 @@ for s in $STAGES; do
       stage alltests 400 "$PYTHON" -m pytest tests -q -n 8 --maxfail=20 -rfs -p no:cacheprovider ;;
     train)
       stage train 400 "$PYTHON" -m crosshead.train ${TRAIN_ARGS:---amp bf16 --compile} ;;
+    quality)
+      stage quality 560 "$PYTHON" -m bench.quality --config gpu --runs "${QUALITY_RUNS:-/tmp/quality-runs}" \
+        --out "$LOGDIR/quality-gpu" ${QUALITY_ARGS:-} ;;
     *) echo "unknown stage $s"; failed="$failed $s(unknown)" ;;
   esac
 done

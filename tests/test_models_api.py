@@ -333,3 +333,50 @@ def test_feature_info_class():
     assert info.get_dicts(idx=0)["index"] == 0 and len(info) == 3 and info[2]["module"] == "m2"
     other = info.from_other((-3,))
     assert other.out_indices == (0,) and info.out_indices == (1, 2)
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_deit_conv_stem_gives_the_patch_grid_and_trains(patch):
+    """stem='conv' (early convolutions): the same token grid as a patch of that size, from overlapping
+    3×3 convs (a pixel outside a patch moves its token), and gradients reach the first conv."""
+    torch.manual_seed(0)
+    model = _deit(embed_dim=32, num_heads=4, patch_size=patch, img_size=32, stem="conv", num_classes=3, in_chans=1)
+    assert isinstance(model.patch_embed, M.deit.ConvStem) and model.patch_embed.patch_size == patch
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 * (patch.bit_length() - 1) and all(c.kernel_size == (3, 3) for c in convs)
+    x = torch.randn(2, 1, 32, 32)
+    tokens = model.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+    assert tokens.shape == (2, 32, 32 // patch, 32 // patch)
+    model.eval()
+    emb = model.patch_embed(x)
+    y = x.clone()
+    y[..., patch, patch] += 1.0  # first pixel of token (1, 1): the 3×3 convs reach token (0, 0) too
+    moved = (model.patch_embed(y) - emb).abs().amax(1)[0]
+    assert moved[0, 0] > 0 and moved[1, 1] > 0
+    model.train()
+    model(x).sum().backward()
+    assert convs[0].weight.grad.abs().sum() > 0
+
+
+def test_deit_cpe_adds_a_depthwise_conv_to_every_block():
+    torch.manual_seed(0)
+    plain = _deit(embed_dim=32, num_heads=4, patch_size=4, img_size=32, in_chans=1, num_classes=2)
+    torch.manual_seed(0)
+    with_cpe = _deit(embed_dim=32, num_heads=4, patch_size=4, img_size=32, in_chans=1, num_classes=2, cpe=True)
+    extra = dict(with_cpe.named_parameters()).keys() - dict(plain.named_parameters()).keys()
+    assert extra == {f"blocks.{i}.cpe.{w}" for i in range(3) for w in ("weight", "bias")}
+    assert all(b.cpe.groups == 32 and b.cpe.kernel_size == (3, 3) for b in with_cpe.blocks)
+    x = torch.randn(2, 1, 32, 32)
+    assert with_cpe(x).shape == plain(x).shape == (2, 2)
+    assert with_cpe(torch.randn(1, 1, 48, 48)).shape == (1, 2)  # any grid: the conv needs no table
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stem="convs"), r"stem must be one of \['conv', 'patch'\], got 'convs'"),
+    (dict(stem="conv", patch_size=6, img_size=48), r"stem='conv' needs patch_size a power of 2, at least 2, got 6"),
+    (dict(stem="conv", patch_size=1, img_size=32), r"stem='conv' needs patch_size a power of 2, at least 2, got 1"),
+    (dict(cpe=1), r"cpe must be a bool, got 1"),
+])
+def test_deit_bad_stem_and_cpe_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _deit(**kwargs)

@@ -380,3 +380,22 @@ def test_imagefolder_same_classes_trains(tmp_path):
     _image_folders(tmp_path / "data", ["cat", "dog"], ["cat", "dog"])
     res = cli.main(IMAGEFOLDER + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
     assert res["test_acc"] is not None and _log(tmp_path / "run")[0]["test_samples"] == 4
+
+
+def test_state_hash_covers_zero_dim_buffers_of_any_dtype():
+    """BatchNorm's num_batches_tracked is a 0-d int64 buffer: the hash reads it (and so changes with it)
+    instead of failing at the end of a run, as it did for DeiT's conv stem."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    before = cli.state_hash(model)
+    model[1].num_batches_tracked += 1
+    assert cli.state_hash(model) != before
+    model[1].num_batches_tracked -= 1
+    assert cli.state_hash(model) == before
+
+
+def test_a_run_of_a_model_with_batchnorm_ends_with_its_final_record(tmp_path):
+    kwargs = {"embed_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4, "img_size": 16, "stem": "conv",
+              "cpe": True}
+    final = cli.main(["--model", "deit_imhsa_tiny", "--model-kwargs", json.dumps(kwargs), "--image-size", "16",
+                      *TINY[2 + 2:], "--epochs", "1", "--out", str(tmp_path / "bn")])
+    assert final["kind"] == "final" and len(final["state_hash"]) == 64

@@ -58,11 +58,47 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, arXiv 2106.14881) in place of the patch projection.
+
+    A 3×3 conv–BN–ReLU at full resolution (dim / 4 channels, at least 8); then, for every halving
+    but the last, a stride-2 3×3 conv–BN–ReLU that doubles the channels and a stride-1 one; then
+    ``proj``, a 3×3 stride-2 conv to ``dim``. Same token grid as a patch of ``patch_size`` (a power
+    of 2, at least 2), with overlapping receptive fields (13 pixels at patch 4)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        halvings = patch_size.bit_length() - 1
+        if patch_size < 2 or patch_size != 1 << halvings:
+            raise ValueError(f"stem='conv' needs patch_size a power of 2, at least 2, got {patch_size}")
+        self.patch_size = patch_size
+        ch = max(dim // 4, 8)
+
+        def cbr(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        layers = cbr(in_chans, ch, 1)
+        for _ in range(halvings - 1):
+            layers += cbr(ch, 2 * ch, 2) + cbr(2 * ch, 2 * ch, 1)
+            ch *= 2
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(ch, dim, 3, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.stem(x))
+
+
+STEMS = {"patch": PatchEmbed, "conv": ConvStem}
+
+
 class DeiTIMHSA(pooling.ClassifierHead, nn.Module):
     """Plain ViT with a CLS token; every block's attention chosen by ``attn`` (default iMHSA post).
 
     ``global_pool``: ``token`` (default), ``avg``, ``max``, ``avgmax`` or ``''`` (the classifier on
     every token), see :mod:`crosshead.models.pooling`.
+    ``stem``: ``patch`` (default: timm's linear patch projection) or ``conv`` (:class:`ConvStem`, early
+    convolutions, for small data sets). ``cpe``: add a conditional positional encoding to every block
+    (a depthwise 3×3 conv on the token grid, as iViT's blocks), on top of the position table.
     """
 
     _global_pools = pooling.TOKEN_POOLS
@@ -70,9 +106,14 @@ class DeiTIMHSA(pooling.ClassifierHead, nn.Module):
     def __init__(self, embed_dim: int = 192, depth: int = 12, num_heads: int = 3, *, attn: str = "imhsa_post",
                  landmarks=(7, 7), patch_size: int = 16, img_size: int = 224, num_classes: int = 1000,
                  in_chans: int = 3, mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 attn_kwargs: dict | None = None, global_pool: str = "token"):
+                 attn_kwargs: dict | None = None, global_pool: str = "token", stem: str = "patch",
+                 cpe: bool = False):
         super().__init__()
         pooling.check(global_pool, self._global_pools, type(self).__name__)
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {sorted(STEMS)}, got {stem!r}")
+        if not isinstance(cpe, bool):
+            raise ValueError(f"cpe must be a bool, got {cpe!r}")
         embed_dim, num_heads = _validate.dim_and_heads("embed_dim", embed_dim, "num_heads", num_heads)
         depth = _validate.positive_int("depth", depth)
         patch_size = _validate.positive_int("patch_size", patch_size)
@@ -84,19 +125,26 @@ class DeiTIMHSA(pooling.ClassifierHead, nn.Module):
             num_classes, in_chans, landmarks, mlp_ratio, drop_rate, drop_path_rate)
         self.num_features, self.num_prefix_tokens, self.attn_name = embed_dim, 1, attn
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = STEMS[stem](patch_size, in_chans, embed_dim)
         self.base_grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid ** 2, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
             AttentionBlock(embed_dim, num_heads, attn=attn, mlp_ratio=mlp_ratio, landmarks=landmarks,
-                           num_prefix_tokens=1, drop_path=dpr[i], attn_kwargs=attn_kwargs) for i in range(depth))
+                           num_prefix_tokens=1, drop_path=dpr[i], cpe=cpe, attn_kwargs=attn_kwargs)
+            for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.head_drop = nn.Dropout(drop_rate)
         self._set_classifier(num_classes, global_pool)
         init_weights(self)
+        # the conv stem's and the CPE's convolutions keep PyTorch's default (Kaiming-uniform) init: at
+        # ViT's std 0.02 a 3×3 depthwise CPE starts silent, and a small model trained from scratch on
+        # Pathfinder then stays at chance for thousands of steps (docs/quality.md)
+        for m in [*([] if stem == "patch" else self.patch_embed.modules()), *(b.cpe for b in self.blocks if cpe)]:
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
 
