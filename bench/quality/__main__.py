@@ -2,11 +2,12 @@
 
     python -m bench.quality --config cpu                      # the CPU grid, resumable; then the report
     python -m bench.quality --config cpu --report-only        # the report from the runs done so far
-    python -m bench.quality --config gpu --jobs 1 --threads 8 # on one GPU
+    python -m bench.quality --config gpu                      # one H100/H200, 8 runs sharing it
     python -m bench.quality --list --config cpu               # the runs and their state, nothing trained
 
 Runs go to ``--runs`` (default ``runs/quality-<config>``), results to ``--out`` (default
-``docs/results/quality-<config>``): ``summary.json``, ``table.md``, the plots and ``command.txt``.
+``docs/results/quality-<config>``): ``summary.json``, ``table.md``, the plots, ``logs/`` (each run's
+``log.jsonl``) and ``command.txt`` (the training calls).
 Stop it at any time: a new call skips the runs done and resumes the one in flight from its last epoch.
 """
 

@@ -1,6 +1,10 @@
 """The configurations of ``python -m bench.quality``: ``cpu``, ``gpu`` and ``tiny`` (the test's).
 
-How the CPU configuration was sized (docs/quality.md has the measurements): TO BE FILLED.
+``cpu`` was sized on this project's 2-core machine (docs/quality.md has the measurements): at about
+150 s of one core per Pathfinder run, only a small ViT with a conv stem and CPE got past
+Pathfinder's plateau, and only at batch 32 (softmax 98 %; batch 64, or 12 000 samples × 8 epochs,
+left it at or near chance). The whole grid took about 80 minutes. ``gpu`` is an estimate that has
+never run (no GPU was lent to the session that wrote it).
 """
 
 from __future__ import annotations
