@@ -103,10 +103,17 @@ def test_an_interrupted_run_resumes_exactly_and_the_others_are_skipped(tmp_path,
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    with monkeypatch.context() as m:
-        m.setattr(loop, "evaluate", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train_main([*configs.train_argv(first), "--out", str(folder)])
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TINY.threads)  # as the grid's processes run: the same reductions, the same bits
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(loop, "evaluate", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                train_main([*configs.train_argv(first), "--out", str(folder)])
+    finally:
+        torch.set_num_threads(threads)
     assert grid.epochs_logged(grid.read_log(folder / "log.jsonl")) == {0} and (folder / "last.pt").exists()
     assert grid.status(first, folder) == "resume"
     assert main(["--config", "tiny", "--runs", str(runs), "--out", str(out), "--seeds", "0"]) == 0

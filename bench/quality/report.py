@@ -166,14 +166,19 @@ def plots(summary: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         written.append(_save(fig, out / f"{st['name']}-curves.png"))
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for c in cells:
-            ax.errorbar(c["train_time_s_mean"], c["test_acc_mean"] * 100,
-                        yerr=0.0 if math.isnan(c["test_acc_std"]) else c["test_acc_std"] * 100, fmt="o", capsize=3)
-            ax.annotate(label(c), (c["train_time_s_mean"], c["test_acc_mean"] * 100), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set(xlabel="training time per run, s (log)", ylabel="final test accuracy %", title=st["title"])
+        markers = "osD^v<>ph*"
+        for i, c in enumerate(cells):
+            ax.errorbar(c["train_time_s_mean"], c["test_acc_mean"] * 100, label=label(c), capsize=3,
+                        yerr=0.0 if math.isnan(c["test_acc_std"]) else c["test_acc_std"] * 100,
+                        fmt=markers[i % len(markers)], alpha=0.85)
+        times = [c["train_time_s_mean"] for c in cells]
+        log_x = max(times) > 5 * min(times)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(xlabel="training time per run, s" + (" (log)" if log_x else ""), ylabel="final test accuracy % "
+               "(mean ± std)", title=st["title"])
         ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
         written.append(_save(fig, out / f"{st['name']}-acc-vs-time.png"))
         if several:
             fig, ax = plt.subplots(figsize=(6, 4))
@@ -183,6 +188,8 @@ def plots(summary: dict, out: Path) -> list[Path]:
                             yerr=[0.0 if math.isnan(c["test_acc_std"]) else c["test_acc_std"] * 100 for c in cs],
                             marker="o", capsize=3, label=attn, linestyle=_style(attn))
             ax.set_xscale("log", base=2)
+            hs = sorted({c["heads"] for c in cells})
+            ax.set_xticks(hs, [str(h) for h in hs])
             ax.set(xlabel="heads (fixed width)", ylabel="final test accuracy %", title=st["title"])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
